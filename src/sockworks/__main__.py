@@ -1,0 +1,5 @@
+"""``python -m sockworks`` is the ``sockworks`` command."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,63 @@
+"""A receive buffer with linear-time line extraction and a hard size limit.
+
+Lines are found by searching only the bytes that arrived since the last
+search, and consumed bytes are dropped in amortised O(1) (we advance an
+offset and compact when more than half the buffer is dead). Twisted's
+LineReceiver, which re-splits the whole buffer on every chunk, goes
+quadratic on a peer that sends one byte at a time; this does not.
+"""
+
+from __future__ import annotations
+
+from ._errors import LineTooLong
+
+
+class LineBuffer:
+    """Collects bytes and yields complete lines, never holding more than
+    ``max_line`` bytes of an unfinished line.
+
+    ``next_line()`` returns a line without its terminator (LF, with an
+    optional CR before it), or ``None`` when no complete line is buffered.
+    A line longer than ``max_line`` raises :class:`LineTooLong` as soon as
+    it is known to be too long, before it is all buffered.
+    """
+
+    __slots__ = ("_buf", "_scanned", "_start", "max_line")
+
+    def __init__(self, max_line: int = 8192) -> None:
+        self._buf = bytearray()
+        self._start = 0  # first unconsumed byte
+        self._scanned = 0  # bytes from _start already searched for LF
+        self.max_line = max_line
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._start
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_line(self) -> bytes | None:
+        buf, start = self._buf, self._start
+        nl = buf.find(b"\n", start + self._scanned)
+        if nl < 0:
+            self._scanned = len(buf) - start
+            if self._scanned > self.max_line + 1:  # +1: a CR may wait for its LF
+                raise LineTooLong(self.max_line)
+            return None
+        end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+        if end - start > self.max_line:
+            raise LineTooLong(self.max_line)
+        line = bytes(buf[start:end])
+        self._start = nl + 1
+        self._scanned = 0
+        if self._start > 4096 and self._start * 2 > len(buf):
+            del buf[: self._start]
+            self._start = 0
+        return line
+
+    def take_rest(self) -> bytes:
+        """Everything buffered (an unterminated last line at EOF)."""
+        rest = bytes(self._buf[self._start :])
+        self._buf.clear()
+        self._start = self._scanned = 0
+        return rest

@@ -1,0 +1,80 @@
+"""Configuration as data: limits and socket options.
+
+Every default is on and explains itself, so that a service started with no
+options is already safe to expose to strangers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ._errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-listener limits. ``None`` turns a limit off."""
+
+    # A peer silent this long is disconnected: five minutes is longer than
+    # any person pauses at a prompt, short enough that abandoned connections
+    # do not pile up.
+    idle_timeout: float | None = 300.0
+    # Longest line (or request) a line-oriented service accepts. 8 KiB is
+    # what most servers allow for a request line; the buffer never grows
+    # beyond it, whatever the peer sends.
+    max_line: int = 8192
+    # Connections served at once per listener group. Beyond it new
+    # connections wait in the kernel's listen backlog (we stop accepting),
+    # they are not torn down.
+    max_connections: int = 1024
+    # Bytes queued for a peer that does not read before we stop reading from
+    # it: output memory per connection is bounded by this.
+    max_output_buffer: int = 256 * 1024
+    # Threads that run blocking-style handlers; a blocking handler holds its
+    # thread for the whole connection, so this also caps its connections.
+    handler_threads: int = 64
+    # Largest datagram read; 65535 is the UDP maximum.
+    max_datagram: int = 65535
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name == "idle_timeout":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"limit {f.name} must be a positive number, not {value!r}")
+
+    def updated(self, **changes: Any) -> Limits:
+        """A copy with ``changes`` applied, ignoring those that are ``None``
+        except ``idle_timeout`` (where ``0`` turns the timeout off)."""
+        clean = {k: v for k, v in changes.items() if v is not None}
+        if clean.get("idle_timeout") == 0:
+            clean["idle_timeout"] = None
+        return replace(self, **clean)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """The seeds' socket options. ``None`` leaves the kernel default."""
+
+    # Disable Nagle: request/response services answer in one write, and
+    # Nagle plus delayed ACK would add up to 40 ms to each reply.
+    nodelay: bool = True
+    # TCP keepalive finds peers that vanished without a FIN (pulled cable);
+    # off by default like the kernel, because the idle timeout already does.
+    keepalive: bool = False
+    # SO_LINGER seconds; 0 makes close() send RST and drop unsent data.
+    linger: int | None = None
+    rcvbuf: int | None = None
+    sndbuf: int | None = None
+    # Listen backlog: connections the kernel holds while we are at
+    # max_connections or busy; the kernel caps it at net.core.somaxconn.
+    backlog: int = 511
+    # SO_BROADCAST, UDP only: allow sending to broadcast addresses.
+    broadcast: bool = False
+    # SO_REUSEPORT: several processes may bind the same port (workers).
+    reuse_port: bool = False
+
+    def updated(self, **changes: Any) -> SocketOptions:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

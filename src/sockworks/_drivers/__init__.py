@@ -1,0 +1,59 @@
+"""Drivers: each runs one handler style on the shared server core.
+
+:func:`make_driver` picks the driver from what the user wrote:
+
+* a :class:`StreamProtocol` or :class:`DatagramProtocol` subclass (or a
+  :class:`ProtocolDriver` pairing both) - the sans-I/O style;
+* an ``async def handle(stream)`` - the async style;
+* any other ``def handle(conn)`` - the blocking style, on threads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from .._errors import ConfigError
+from .._protocol import DatagramProtocol, StreamProtocol
+from .async_handler import AsyncHandlerDriver, IncompleteRead, Stream
+from .blocking import BlockingConnection, BlockingDriver, DatagramConnection
+from .protocol import ProtocolDriver
+
+if TYPE_CHECKING:
+    from .._server import Driver
+
+__all__ = [
+    "AsyncHandlerDriver",
+    "BlockingConnection",
+    "BlockingDriver",
+    "DatagramConnection",
+    "IncompleteRead",
+    "ProtocolDriver",
+    "Stream",
+    "make_driver",
+]
+
+
+def make_driver(handler: Any) -> Driver:
+    """The driver for ``handler``, chosen by its kind (see module docs)."""
+    if hasattr(handler, "start_stream") and hasattr(handler, "supports"):
+        if isinstance(handler, ProtocolDriver):
+            # A fresh copy per server: drivers hold no state, but keep the
+            # rule "one driver per service" true for all of them.
+            return ProtocolDriver(handler.stream_factory, handler.datagram_factory)
+        return handler  # type: ignore[no-any-return]
+    if inspect.isclass(handler):
+        if issubclass(handler, StreamProtocol):
+            return ProtocolDriver(stream=handler)
+        if issubclass(handler, DatagramProtocol):
+            return ProtocolDriver(datagram=handler)
+        raise ConfigError(
+            f"{handler.__name__} is a class but not a StreamProtocol or DatagramProtocol"
+        )
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    ):
+        return AsyncHandlerDriver(handler)
+    if callable(handler):
+        return BlockingDriver(handler)
+    raise ConfigError(f"cannot serve {handler!r}: not a protocol class or a handler function")

@@ -1,0 +1,320 @@
+"""Runs sans-I/O protocols from asyncio ``data_received`` callbacks.
+
+This is the fast path: no task and no future per connection, one call into
+the protocol per chunk, and a ``bytes`` result written straight to the
+transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from .._config import Limits
+from .._endpoint import Endpoint
+from .._errors import RemoteProtocolError
+from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
+from .._sockets import BoundSocket, format_peer
+from ._common import PEER_GONE, ConnectionStats, describe, report_failed_start
+
+if TYPE_CHECKING:
+    from .._server import ConnectionGroup
+
+StreamFactory = Callable[[], StreamProtocol]
+DatagramFactory = Callable[[], DatagramProtocol]
+
+log = logging.getLogger("sockworks.driver")
+
+
+class ProtocolDriver:
+    """Serves a :class:`StreamProtocol` factory and/or a :class:`DatagramProtocol` factory."""
+
+    name = "protocol"
+
+    def __init__(
+        self, stream: StreamFactory | None = None, datagram: DatagramFactory | None = None
+    ) -> None:
+        self.stream_factory = stream
+        self.datagram_factory = datagram
+
+    def supports(self, endpoint: Endpoint) -> bool:
+        return (self.stream_factory if endpoint.is_stream else self.datagram_factory) is not None
+
+    def max_connections(self, limits: Limits) -> int:
+        return limits.max_connections
+
+    def start_stream(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+        assert self.stream_factory is not None
+        conn = StreamConnection(self.stream_factory(), peer, group)
+        task = group.loop.create_task(group.loop.connect_accepted_socket(lambda: conn, sock))
+        task.add_done_callback(report_failed_start)
+
+    def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> DatagramEndpoint:
+        assert self.datagram_factory is not None
+        endpoint = DatagramEndpoint(self.datagram_factory(), group)
+        task = group.loop.create_task(
+            group.loop.create_datagram_endpoint(lambda: endpoint, sock=bound.sock)
+        )
+        task.add_done_callback(report_failed_start)
+        return endpoint
+
+    def close(self) -> None:
+        pass
+
+
+class StreamConnection(asyncio.Protocol):
+    """One connection: feeds the protocol and carries out its replies."""
+
+    def __init__(self, proto: StreamProtocol, peer: Peer, group: ConnectionGroup) -> None:
+        self.proto = proto
+        self.group = group
+        self.stats = ConnectionStats(peer)
+        self.transport: asyncio.Transport | None = None
+        self.closing = False  # no more protocol callbacks once set
+        self.write_paused = False
+        self.want_writable = False
+        self.sending_file = False
+        self.pending: list[Reply] = []  # replies queued behind a file transfer
+        self.idle_timeout = group.limits.idle_timeout
+        self._time = group.loop.time
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.group.limits.max_output_buffer)
+        self.stats.opened(self.group, self)
+        if self.idle_timeout is not None:
+            self.last_active = self._time()
+            self.timer = self.group.loop.call_at(
+                self.last_active + self.idle_timeout, self._check_idle
+            )
+        if self.group.shutting_down:
+            self._run(self.proto.on_shutdown)
+        else:
+            self._run(self.proto.on_connect, self.stats.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.stats.bytes_in += len(data)
+        self.last_active = self._time()
+        try:
+            out = self.proto.on_data(data)
+        except RemoteProtocolError as exc:
+            self._close(Reply(close=True, reason=exc.reason))
+            return
+        except Exception:
+            self._crashed("on_data")
+            return
+        if out.__class__ is bytes:
+            if out:
+                self.stats.bytes_out += len(out)
+                self.transport.write(out)  # type: ignore[union-attr]
+        elif out is not None:
+            self._apply(out)
+
+    def eof_received(self) -> bool:
+        self._run(self.proto.on_eof)
+        # True keeps our write side open: a half-closed peer may still read.
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        # A peer that does not read stops being read from: memory stays
+        # bounded by the write buffer limit plus one chunk.
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_active = self._time()
+        if self.transport is not None and not self.closing and not self.sending_file:
+            self.transport.resume_reading()
+        if self.want_writable:
+            self.group.loop.call_soon(self._writable)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if exc is not None:
+            self.stats.set_reason(describe(exc))
+            log.debug("%s: %r", self.stats.peer, exc)
+        self.stats.closed(self.group, self)
+
+    # -- the core's Connection interface ---------------------------------
+
+    def begin_shutdown(self) -> None:
+        self._run(self.proto.on_shutdown)
+
+    def abort(self) -> None:
+        self.stats.set_reason("aborted at the end of the grace period")
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- carrying out replies ------------------------------------------------
+
+    def _run(self, callback: Callable[..., Output], *args: object) -> None:
+        if self.closing:
+            return
+        try:
+            out = callback(*args)
+        except RemoteProtocolError as exc:
+            out = Reply(close=True, reason=exc.reason)
+        except Exception:
+            self._crashed(getattr(callback, "__name__", "callback"))
+            return
+        if out is not None:
+            self._apply(out)
+
+    def _apply(self, out: Output) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if out.__class__ is bytes:
+            out = Reply(data=out)
+        assert isinstance(out, Reply)
+        if self.sending_file:
+            self.pending.append(out)
+            return
+        if out.data:
+            self.stats.bytes_out += len(out.data)
+            transport.write(out.data)
+        if out.file is not None:
+            self.sending_file = True
+            transport.pause_reading()
+            self.group.loop.create_task(self._send_file(out))
+            return
+        self._finish(out)
+
+    def _finish(self, out: Reply) -> None:
+        transport = self.transport
+        assert transport is not None
+        if out.close:
+            self._close(out)
+            return
+        if out.half_close and transport.can_write_eof():
+            transport.write_eof()
+        if out.more:
+            self.want_writable = True
+            if not self.write_paused:
+                self.group.loop.call_soon(self._writable)
+        else:
+            self.want_writable = False
+
+    def _close(self, out: Reply) -> None:
+        self.stats.set_reason(out.reason)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then closes
+
+    def _writable(self) -> None:
+        if self.closing or not self.want_writable or self.write_paused:
+            return
+        self.want_writable = False
+        self.last_active = self._time()
+        self._run(self.proto.on_writable)
+
+    async def _send_file(self, out: Reply) -> None:
+        assert out.file is not None and self.transport is not None
+        span = out.file
+        try:
+            with open(span.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                count = size - span.offset if span.count is None else span.count
+                sent = await self.group.loop.sendfile(self.transport, f, span.offset, count)
+                self.stats.bytes_out += sent
+        except PEER_GONE as exc:
+            self.stats.set_reason(describe(exc))
+            self.closing = True
+            return
+        except OSError as exc:
+            self.group.log.warning("%s: cannot send %s: %s", self.stats.peer, span.path, exc)
+            self._close(Reply(close=True, reason="file error"))
+            return
+        except RuntimeError:  # transport closed under us (abort at shutdown)
+            return
+        self.sending_file = False
+        if self.closing:
+            return
+        if not self.write_paused:
+            self.transport.resume_reading()
+        self._finish(out)
+        pending, self.pending = self.pending, []
+        for reply in pending:
+            self._apply(reply)
+
+    def _check_idle(self) -> None:
+        assert self.idle_timeout is not None
+        if self.closing:
+            return
+        deadline = self.last_active + self.idle_timeout
+        if self._time() < deadline or self.sending_file:
+            self.timer = self.group.loop.call_at(
+                max(deadline, self._time() + 0.01), self._check_idle
+            )
+            return
+        self.timer = None
+        self._run(self.proto.on_timeout)
+        if not self.closing:  # the protocol chose to go on: re-arm
+            self.last_active = self._time()
+            self.timer = self.group.loop.call_at(
+                self.last_active + self.idle_timeout, self._check_idle
+            )
+
+    def _crashed(self, where: str) -> None:
+        self.group.log.exception("%s: protocol error in %s; closing", self.stats.peer, where)
+        self.stats.set_reason("internal error")
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class DatagramEndpoint(asyncio.DatagramProtocol):
+    """One datagram socket: each datagram to the protocol, the reply back."""
+
+    def __init__(self, proto: DatagramProtocol, group: ConnectionGroup) -> None:
+        self.proto = proto
+        self.group = group
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: no isinstance check.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        peer = format_peer(addr)
+        try:
+            reply = self.proto.on_datagram(data, peer)
+        except RemoteProtocolError as exc:
+            self.group.log.info("%s: datagram dropped: %s", peer, exc.reason)
+            return
+        except Exception:
+            self.group.log.exception("%s: protocol error on a datagram", peer)
+            return
+        self.group.log.debug("%s: %d B in, %d B out", peer, len(data), len(reply or b""))
+        if reply is not None and self.transport is not None:
+            if not addr:  # an unbound Unix datagram client has no address
+                self.group.log.debug("cannot reply to an unbound unixgram peer")
+                return
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.group.log.debug("datagram socket error: %s", exc)
+
+    def begin_shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

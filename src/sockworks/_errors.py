@@ -1,0 +1,55 @@
+"""The error hierarchy.
+
+Two families, as in h11: what a *person running sockworks* got wrong
+(:class:`UsageError` and its children: a bad endpoint, a port in use), and
+what a *peer on the network* did (:class:`RemoteProtocolError`: a line too
+long, garbage). The CLI turns the first family into one line on stderr and a
+non-zero exit; the server turns the second into a log line and a closed
+connection, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SockworksError(Exception):
+    """Base class of every error sockworks raises on purpose."""
+
+
+class UsageError(SockworksError):
+    """Something the person running sockworks can fix: bad input or config."""
+
+
+class EndpointError(UsageError, ValueError):
+    """An endpoint string that does not parse."""
+
+
+class BindError(UsageError, OSError):
+    """A listener could not be bound (address in use, permission denied…)."""
+
+
+class ConfigError(UsageError):
+    """A configuration file or option that is not valid."""
+
+
+class UnknownServiceError(UsageError, LookupError):
+    """A service name that is not registered."""
+
+
+class RemoteProtocolError(SockworksError):
+    """The peer broke the protocol; the connection is closed with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LineTooLong(RemoteProtocolError):
+    """The peer sent a line longer than the configured limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"line longer than {limit} bytes")
+        self.limit = limit
+
+
+class ConnectionClosed(SockworksError):
+    """The connection is gone (reset, broken pipe, or closed by shutdown)."""

@@ -1,0 +1,161 @@
+"""Creating listening sockets from endpoints, with the seeds' options.
+
+Binding happens before anything is served, so that every error a person can
+cause (address in use, permission denied, a live Unix socket) is reported
+before the server starts, and the real bound address is known.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from ._config import SocketOptions
+from ._endpoint import Endpoint
+from ._errors import BindError
+from ._protocol import Peer
+
+Address = tuple[str, int] | tuple[str, int, int, int] | str
+
+
+@dataclass(slots=True)
+class BoundSocket:
+    """A bound (and for streams, listening) socket and its real endpoint."""
+
+    sock: socket.socket
+    endpoint: Endpoint  # with the real port
+
+
+def _family_for(endpoint: Endpoint) -> tuple[socket.AddressFamily, str]:
+    host = endpoint.host
+    if endpoint.transport in ("unix", "unixgram"):
+        return socket.AF_UNIX, endpoint.path
+    if host in ("", "*"):
+        # Empty host: all addresses, dual-stack where the kernel allows it.
+        return (socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET), ""
+    try:
+        infos = socket.getaddrinfo(
+            host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve {host!r} for {endpoint}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, str(sockaddr[0])
+
+
+def apply_options(sock: socket.socket, options: SocketOptions, *, stream: bool, inet: bool) -> None:
+    """Set the per-connection options; used on listeners and accepted sockets."""
+    if stream and inet and options.nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if stream and options.keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if options.linger is not None:
+        import struct
+
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, int(options.linger))
+        )
+    if options.rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.rcvbuf)
+    if options.sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.sndbuf)
+
+
+def bind(endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
+    """Bind (and listen, for streams) a socket for ``endpoint``."""
+    family, host = _family_for(endpoint)
+    kind = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    sock = socket.socket(family, kind)
+    try:
+        _configure_listener(sock, endpoint, options, family, host)
+        if family == socket.AF_UNIX:
+            _clear_stale_unix_socket(endpoint)
+            address: Address = endpoint.path
+        else:
+            address = (host, endpoint.port)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise BindError(_bind_message(endpoint, exc)) from None
+        if endpoint.is_stream:
+            sock.listen(options.backlog)
+        sock.setblocking(False)
+        return BoundSocket(sock, _real_endpoint(sock, endpoint))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _configure_listener(
+    sock: socket.socket,
+    endpoint: Endpoint,
+    options: SocketOptions,
+    family: socket.AddressFamily,
+    host: str,
+) -> None:
+    if family != socket.AF_UNIX and endpoint.is_stream:
+        # Without SO_REUSEADDR a restart meets "address in use" while the old
+        # connections sit in TIME_WAIT. It never lets two live listeners
+        # share a port on Linux (that is SO_REUSEPORT).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if options.reuse_port and family != socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        # An empty host means every address, IPv4 too; an explicit IPv6
+        # address means that address only, whatever the sysctl default is.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "" else 1)
+    if endpoint.transport == "udp" and options.broadcast:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    apply_options(sock, options, stream=endpoint.is_stream, inet=endpoint.is_inet)
+
+
+def _clear_stale_unix_socket(endpoint: Endpoint) -> None:
+    """Remove a socket file nobody listens on; refuse to touch anything else."""
+    path = endpoint.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError(f"cannot bind {endpoint}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"cannot bind {endpoint}: {path} exists and is not a socket")
+    kind = socket.SOCK_STREAM if endpoint.transport == "unix" else socket.SOCK_DGRAM
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: left behind by a process that died
+        return
+    except OSError as exc:
+        raise BindError(f"cannot bind {endpoint}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise BindError(f"cannot bind {endpoint}: another process is listening on {path}")
+
+
+def _bind_message(endpoint: Endpoint, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot bind {endpoint}: address already in use"
+    if exc.errno == errno.EACCES:
+        hint = " (ports below 1024 need privileges)" if 0 < endpoint.port < 1024 else ""
+        return f"cannot bind {endpoint}: permission denied{hint}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot bind {endpoint}: address not available on this machine"
+    return f"cannot bind {endpoint}: {exc.strerror or exc}"
+
+
+def _real_endpoint(sock: socket.socket, endpoint: Endpoint) -> Endpoint:
+    if not endpoint.is_inet:
+        return endpoint
+    name = sock.getsockname()
+    host = endpoint.host if endpoint.host not in ("", "*") else str(name[0])
+    return Endpoint(endpoint.transport, host=host, port=int(name[1]))
+
+
+def format_peer(address: object) -> Peer:
+    """A peer address from what the socket calls return."""
+    return Peer.from_address(address)
