@@ -40,8 +40,9 @@ class LineBuffer:
         buf, start = self._buf, self._start
         nl = buf.find(b"\n", start + self._scanned)
         if nl < 0:
-            self._scanned = len(buf) - start
-            if self._scanned > self.max_line + 1:  # +1: a CR may wait for its LF
+            pending = self._scanned = len(buf) - start
+            # One byte over is allowed only if it is a CR waiting for its LF.
+            if pending > self.max_line and (pending > self.max_line + 1 or buf[-1] != 0x0D):
                 raise LineTooLong(self.max_line)
             return None
         end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
