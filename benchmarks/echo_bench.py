@@ -1,0 +1,511 @@
+"""Echo benchmark: sockworks in its three styles against its peers, in one run.
+
+Every contender is an echo server started as a subprocess pinned to one core
+(``taskset -c 0``); the C load generator ``echoload`` (compiled on the fly
+from ``shared/bench``) runs pinned to the other core (``taskset -c 1``).
+All servers are started first; then for each load (message size x
+connections) every contender is measured one after the other, so that the
+contenders compared with each other are measured seconds apart on the same
+machine. Only the ratios printed at the end mean anything: this machine is
+shared and noisy.
+
+    python benchmarks/echo_bench.py                  # the full run, a few minutes
+    python benchmarks/echo_bench.py --quick          # a smoke run
+    python benchmarks/echo_bench.py --only sockworks-protocol,uvloop-protocol \\
+        --sizes 100 --conns 10 --duration 3 --rounds 3
+
+Timings never decide a test: this script reports PASS or MISS for the
+performance targets and exits 0 either way (unless ``--strict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SERVERS = HERE / "servers"
+HOST = "127.0.0.1"
+LISTENING = re.compile(r"listening on tcp:[^:]+:(\d+)")
+RESULT = re.compile(
+    r"rps=(?P<rps>\d+) p50_us=(?P<p50>\d+) p99_us=(?P<p99>\d+) errors=(?P<errors>\d+)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    name: str
+    what: str
+    command: Callable[[Path], list[str]]  # given the tools dir: argv taking --port
+    needs: tuple[str, ...] = ()  # importable modules it requires
+    native: bool = False  # takes the port as its only argument (the C server)
+
+    def missing(self) -> str | None:
+        for module in self.needs:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install -e '.[bench]')"
+        return None
+
+
+def _py(script: str, *args: str) -> Callable[[Path], list[str]]:
+    return lambda tools: [sys.executable, str(SERVERS / script), *args]
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender("c-epoll", "C epoll echo (calibration ceiling)",
+              lambda tools: [str(tools / "epoll_echo")], native=True),
+    Contender("sockworks-protocol", "sockworks sans-I/O StreamProtocol",
+              _py("sockworks_echo.py", "protocol"), ("sockworks", "uvloop")),
+    Contender("uvloop-protocol", "raw uvloop asyncio.Protocol",
+              _py("asyncio_echo.py", "uvloop-protocol"), ("uvloop",)),
+    Contender("sockworks-async", "sockworks async def handle(stream)",
+              _py("sockworks_echo.py", "async"), ("sockworks", "uvloop")),
+    Contender("uvloop-streams", "uvloop + asyncio streams",
+              _py("asyncio_echo.py", "uvloop-streams"), ("uvloop",)),
+    Contender("asyncio-protocol", "asyncio.Protocol, default loop",
+              _py("asyncio_echo.py", "asyncio-protocol")),
+    Contender("asyncio-streams", "asyncio streams, default loop",
+              _py("asyncio_echo.py", "asyncio-streams")),
+    Contender("sockworks-blocking", "sockworks blocking def handle(conn)",
+              _py("sockworks_echo.py", "blocking"), ("sockworks", "uvloop")),
+    Contender("socketserver", "socketserver.ThreadingTCPServer",
+              _py("socketserver_echo.py")),
+    Contender("twisted", "Twisted Protocol, default reactor",
+              _py("twisted_echo.py"), ("twisted",)),
+    Contender("gevent", "gevent StreamServer",
+              _py("gevent_echo.py"), ("gevent",)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    contender: str
+    baseline: str
+    minimum: float
+
+
+TARGETS = (
+    Target("sockworks-protocol", "uvloop-protocol", 0.90),
+    Target("sockworks-async", "uvloop-streams", 1.0),
+    Target("sockworks-blocking", "socketserver", 1.0),
+)
+
+Cell = tuple[int, int]  # (message size, connections)
+
+
+@dataclasses.dataclass
+class Result:
+    rps: int
+    p50_us: int
+    p99_us: int
+    errors: int
+
+
+# -- tools -------------------------------------------------------------------
+
+
+class HarnessError(Exception):
+    """Something the person running the benchmark must fix."""
+
+
+def find_bench_sources(given: str | None) -> Path:
+    candidates = [Path(p) for p in (given, os.environ.get("SOCKWORKS_BENCH_SRC")) if p]
+    candidates += [ROOT.parent / "shared" / "bench", ROOT / "shared" / "bench"]
+    for path in candidates:
+        if (path / "echoload.c").is_file() and (path / "epoll_echo.c").is_file():
+            return path
+    raise HarnessError(
+        "cannot find echoload.c and epoll_echo.c (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); pass --bench-src DIR"
+    )
+
+
+def build_tools(src: Path, into: Path, need_epoll: bool) -> None:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise HarnessError("gcc is not installed: it is needed to build the C load generator")
+    for name in ("echoload", "epoll_echo") if need_epoll else ("echoload",):
+        proc = subprocess.run(
+            [gcc, "-O2", "-o", str(into / name), str(src / f"{name}.c")],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise HarnessError(f"cannot compile {name}.c:\n{proc.stderr}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+# -- servers -----------------------------------------------------------------
+
+
+class RunningServer:
+    """A contender's server process, its port, and its stderr."""
+
+    def __init__(self, contender: Contender, tools: Path, cpu: int | None) -> None:
+        self.contender = contender
+        self.lines: list[str] = []
+        argv = contender.command(tools)
+        known_port = free_port() if contender.native else 0
+        argv = [*argv, str(known_port)] if contender.native else [*argv, "--port", "0"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            pinned(cpu, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a ^C to the harness is ours to pass on
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.port = known_port if contender.native else 0
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.contender.native:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection((HOST, self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+            try:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            match = LISTENING.search(line)
+            if match:
+                self.port = int(match.group(1))
+                return
+        self.stop()
+        tail = "\n".join(self.lines[-15:])
+        raise HarnessError(f"{self.contender.name} did not start:\n{tail}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- load ----------------------------------------------------------------------
+
+
+def run_load(
+    tools: Path, port: int, cell: Cell, seconds: float, cpu: int | None
+) -> Result:
+    size, conns = cell
+    argv = [str(tools / "echoload"), HOST, str(port), str(conns), str(size), f"{seconds:g}"]
+    proc = subprocess.run(
+        pinned(cpu, argv), capture_output=True, text=True, timeout=seconds + 30
+    )
+    match = RESULT.search(proc.stdout)
+    if proc.returncode != 0 or match is None:
+        raise HarnessError(f"echoload failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+    return Result(*(int(match.group(k)) for k in ("rps", "p50", "p99", "errors")))
+
+
+# -- reporting -------------------------------------------------------------------
+
+
+def size_label(size: int) -> str:
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size // 1024} KiB"
+    return f"{size} B"
+
+
+def cell_label(cell: Cell) -> str:
+    return f"{size_label(cell[0])} x{cell[1]}"
+
+
+def rps_label(rps: int) -> str:
+    return f"{rps / 1000:.1f}k" if rps >= 10000 else str(rps)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        out = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+        return "| " + " | ".join(out) + " |"
+
+    dashes = ("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
+    sep = "|" + "|".join(dashes) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def report(
+    contenders: Sequence[Contender],
+    cells: Sequence[Cell],
+    results: dict[str, dict[Cell, Result]],
+    failed: dict[str, str],
+) -> tuple[str, bool]:
+    header = ["contender", *(cell_label(c) for c in cells)]
+    rps_rows, p99_rows = [], []
+    for c in contenders:
+        got = results.get(c.name, {})
+        if not got and c.name in failed:
+            continue
+        rps_rows.append([c.name, *(rps_label(got[x].rps) if x in got else "-" for x in cells)])
+        p99_rows.append([c.name, *(str(got[x].p99_us) if x in got else "-" for x in cells)])
+    out = ["Requests/s (round trips per second; best of the rounds):", "",
+           table(header, rps_rows), "",
+           "p99 latency, microseconds (from the same run as the requests/s):", "",
+           table(header, p99_rows), ""]
+    errors = [
+        f"{name} {cell_label(cell)}: {r.errors} connection error(s)"
+        for name, got in results.items() for cell, r in got.items() if r.errors
+    ]
+    if errors:
+        out += ["Load errors (a connection closed under load):", *errors, ""]
+    if failed:
+        out += ["Not measured:", *(f"  {n}: {why}" for n, why in failed.items()), ""]
+
+    ratio_rows = []
+    all_pass = True
+    for t in TARGETS:
+        a, b = results.get(t.contender, {}), results.get(t.baseline, {})
+        ratios = [a[x].rps / b[x].rps if x in a and x in b and b[x].rps else None for x in cells]
+        measured = [r for r in ratios if r is not None]
+        if not measured:
+            verdict = "n/a"
+        elif min(measured) >= t.minimum:
+            verdict = "PASS"
+        else:
+            verdict = "MISS"
+            all_pass = False
+        ratio_rows.append([
+            f"{t.contender} / {t.baseline} >= {t.minimum:.2f}",
+            *("-" if r is None else f"{r:.2f}" for r in ratios),
+            verdict,
+        ])
+    out += ["Targets (same-run ratios of requests/s, at every load):", "",
+            table(["target", *(cell_label(c) for c in cells), "result"], ratio_rows), ""]
+    ceiling = results.get("c-epoll", {})
+    if ceiling:
+        rows = []
+        for c in contenders:
+            got = results.get(c.name, {})
+            if c.name == "c-epoll" or not got:
+                continue
+            rows.append([c.name, *(
+                f"{got[x].rps / ceiling[x].rps:.2f}" if x in got and x in ceiling
+                and ceiling[x].rps else "-" for x in cells
+            )])
+        out += ["Fraction of the C epoll ceiling:", "", table(header, rows), ""]
+    return "\n".join(out), all_pass
+
+
+def machine_summary() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for module in ("uvloop", "twisted", "gevent"):
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{module} {version(module)}")
+        except Exception:
+            pass
+    return (
+        f"{os.cpu_count()} CPUs, {model}; Linux {os.uname().release}; "
+        f"Python {sys.version.split()[0]}; " + ", ".join(versions)
+    )
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def parse_ints(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1
+        if part.endswith("k"):
+            part, scale = part[:-1], 1024
+        values.append(int(part) * scale)
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Echo benchmark: sockworks against its peers, pinned, in one run.",
+    )
+    names = ", ".join(c.name for c in CONTENDERS)
+    p.add_argument("--only", help=f"comma-separated contenders to run (of: {names})")
+    p.add_argument("--skip", help="comma-separated contenders to leave out")
+    p.add_argument("--sizes", default="100,1k,64k", help="message sizes (default 100,1k,64k)")
+    p.add_argument("--conns", default="10,100", help="connection counts (default 10,100)")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, keep the best")
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per contender")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 100 B, 10 connections, 0.3 s, no warm-up")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--load-cpu", type=int, default=1)
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument("--bench-src", help="directory with echoload.c and epoll_echo.c")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--list", action="store_true", help="list the contenders and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.conns, args.duration, args.rounds, args.warmup = "100", "10", 0.3, 1, 0
+    return args
+
+
+def select(args: argparse.Namespace) -> list[Contender]:
+    known = {c.name for c in CONTENDERS}
+    only = {n.strip() for n in args.only.split(",")} if args.only else known
+    skip = {n.strip() for n in args.skip.split(",")} if args.skip else set()
+    unknown = (only | skip) - known
+    if unknown:
+        raise HarnessError(f"unknown contender(s): {', '.join(sorted(unknown))}")
+    return [c for c in CONTENDERS if c.name in only - skip]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for c in CONTENDERS:
+            why = c.missing()
+            print(f"{c.name:20} {c.what}" + (f"  [unavailable: {why}]" if why else ""))
+        return 0
+    try:
+        return run(args)
+    except HarnessError as exc:
+        print(f"echo_bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    contenders = select(args)
+    cells: list[Cell] = [(s, n) for s in parse_ints(args.sizes) for n in parse_ints(args.conns)]
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
+    server_cpu, load_cpu = (args.server_cpu, args.load_cpu) if pin else (None, None)
+    if not pin:
+        print("note: not pinning (no taskset, one CPU, or --no-pin)", file=sys.stderr)
+    failed: dict[str, str] = {}
+    for c in contenders:
+        why = c.missing()
+        if why:
+            failed[c.name] = why
+    runnable = [c for c in contenders if c.name not in failed]
+    per_contender = len(cells) * args.rounds * (args.duration + 0.2) + args.warmup + 0.5
+    estimate = len(runnable) * per_contender
+    print(f"machine: {machine_summary()}")
+    print(f"{len(runnable)} contenders x {len(cells)} loads x {args.rounds} round(s) of "
+          f"{args.duration:g} s; about {estimate:.0f} s. Server on CPU {server_cpu}, "
+          f"load on CPU {load_cpu}.", flush=True)
+
+    results: dict[str, dict[Cell, Result]] = {}
+    servers: dict[str, RunningServer] = {}
+    with tempfile.TemporaryDirectory(prefix="sockworks-bench-") as tmp:
+        tools = Path(tmp)
+        build_tools(find_bench_sources(args.bench_src), tools,
+                    any(c.native for c in runnable))
+        try:
+            for c in runnable:
+                server = RunningServer(c, tools, server_cpu)
+                try:
+                    server.wait_ready()
+                except HarnessError as exc:
+                    failed[c.name] = str(exc).splitlines()[-1]
+                    continue
+                servers[c.name] = server
+                if args.warmup > 0:
+                    run_load(tools, server.port, (100, 10), args.warmup, load_cpu)
+            for _round in range(args.rounds):
+                for cell in cells:
+                    for name, server in servers.items():
+                        if name in failed:
+                            continue
+                        if not server.alive():
+                            failed[name] = "the server exited: " + " / ".join(server.lines[-3:])
+                            continue
+                        try:
+                            r = run_load(tools, server.port, cell, args.duration, load_cpu)
+                        except (HarnessError, subprocess.TimeoutExpired) as exc:
+                            failed[name] = str(exc).strip().splitlines()[0]
+                            continue
+                        best = results.setdefault(name, {}).get(cell)
+                        if best is None or r.rps > best.rps:
+                            results[name][cell] = r
+                        print(f"  {name:20} {cell_label(cell):12} rps={r.rps:<8} "
+                              f"p99={r.p99_us}us errors={r.errors}", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    text, all_pass = report(contenders, cells, results, failed)
+    print()
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": machine_summary(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "duration": args.duration,
+            "rounds": args.rounds,
+            "results": {
+                name: {cell_label(cell): dataclasses.asdict(r) for cell, r in got.items()}
+                for name, got in results.items()
+            },
+            "failed": failed,
+        }, indent=2))
+    return 1 if args.strict and not all_pass else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
