@@ -105,6 +105,38 @@ class _SocketIO(io.RawIOBase):
         return len(data)
 
 
+class _DuplexFile(io.BufferedIOBase):
+    """``makefile("rw")``: reads from the connection's one buffered reader
+    (io.BufferedRWPair would stack a second buffer that blocks until full),
+    writes go straight to ``sendall``."""
+
+    def __init__(self, conn: BlockingConnection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._conn.reader.read(size)
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._conn.reader.read1(size)
+
+    def readinto(self, buffer: Any) -> int:
+        return self._conn.reader.readinto(buffer)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._conn.reader.readline(size)
+
+    def write(self, data: Any) -> int:
+        self._conn.sendall(bytes(data))
+        return len(data)
+
+
 class BlockingConnection:
     """What a blocking handler gets for a stream connection.
 
@@ -211,10 +243,10 @@ class BlockingConnection:
             return writer if binary else io.TextIOWrapper(writer, write_through=True, **text)
         if "r" in mode and "w" not in mode:
             return self.reader if binary else io.TextIOWrapper(self.reader, **text)
-        pair = io.BufferedRWPair(self.reader, _SocketIO(self))
+        duplex = _DuplexFile(self)
         if binary:
-            return pair
-        return io.TextIOWrapper(pair, write_through=True, line_buffering=True, **text)
+            return duplex
+        return io.TextIOWrapper(duplex, write_through=True, line_buffering=True, **text)
 
     def shutdown_write(self) -> None:
         """Half-close: the peer sees EOF."""
