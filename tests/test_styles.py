@@ -77,9 +77,11 @@ def test_protocol_style_on_datagrams(tmp_path: Path) -> None:
 
 
 def test_async_style_refuses_datagrams() -> None:
-    with pytest.raises(sockworks.ConfigError, match="async handler cannot serve udp"):
-        with running(async_upper, "udp:127.0.0.1:0"):
-            pass
+    with (
+        pytest.raises(sockworks.ConfigError, match="async handler cannot serve udp"),
+        running(async_upper, "udp:127.0.0.1:0"),
+    ):
+        pass
 
 
 def test_async_stream_api() -> None:
@@ -158,16 +160,15 @@ def test_line_limit_in_async_and_blocking_styles() -> None:
             conn.sendall(line + b"\n")
 
     for handler in (async_lines, blocking_lines):
-        with running(handler, limits=Limits(max_line=100)) as srv:
-            with connect(srv.endpoint()) as sock:
-                sock.sendall(b"short\n")
-                assert sock.recv(100) == b"short\n"
-                try:
-                    sock.sendall(b"y" * 10_000 + b"\n")
-                    data = recv_all(sock)
-                except ConnectionResetError:
-                    data = b""
-                assert b"y" not in data  # the long line is never echoed
+        with running(handler, limits=Limits(max_line=100)) as srv, connect(srv.endpoint()) as sock:
+            sock.sendall(b"short\n")
+            assert sock.recv(100) == b"short\n"
+            try:
+                sock.sendall(b"y" * 10_000 + b"\n")
+                data = recv_all(sock)
+            except ConnectionResetError:
+                data = b""
+            assert b"y" not in data  # the long line is never echoed
 
 
 def test_handler_exception_is_logged_once_and_server_goes_on(
@@ -212,7 +213,8 @@ def test_readme_examples_run_as_shown(index: int, tmp_path: Path) -> None:
     code = EXAMPLES[index]
     script = tmp_path / "example.py"
     script.write_text(code)
-    endpoints = [sockworks.parse_endpoint(e) for e in re.findall(r'"((?:tcp|unix|udp):[^"]+)"', code)]
+    named = re.findall(r'"((?:tcp|unix|udp):[^"]+)"', code)
+    endpoints = [sockworks.parse_endpoint(e) for e in named]
     assert endpoints, "every example serves something"
     for e in endpoints:
         if e.path:
