@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .._protocol import Peer
@@ -26,6 +27,20 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+def send_datagram(
+    transport: asyncio.DatagramTransport, sock: socket.socket, data: bytes, addr: Any
+) -> None:
+    """``transport.sendto``, except for an empty datagram, which asyncio and
+    uvloop silently drop (before Python 3.13) but RFC 862 echo must send."""
+    if data:
+        transport.sendto(data, addr)
+        return
+    try:
+        sock.sendto(b"", addr)
+    except OSError as exc:
+        log.debug("cannot send an empty datagram to %r: %s", addr, exc)
 
 
 def report_failed_start(task: asyncio.Task[object]) -> None:
