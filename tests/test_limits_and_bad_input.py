@@ -159,10 +159,9 @@ def test_stale_unix_socket_is_replaced(tmp_path: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()  # the file stays, nothing listens: a crashed server's leftover
-    with running(Echo, f"unix:{path}") as srv:
-        with connect(srv.endpoint()) as sock:
-            sock.sendall(b"x")
-            assert sock.recv(1) == b"x"
+    with running(Echo, f"unix:{path}") as srv, connect(srv.endpoint()) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
 
 
 def test_live_unix_socket_is_an_error(tmp_path: Path) -> None:
