@@ -13,10 +13,10 @@ from typing import NoReturn
 
 from .. import __version__
 from .._errors import BindError, SockworksError, UsageError
-from . import serve
+from . import netcat, serve
 from ._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail
 
-COMMANDS = (serve,)
+COMMANDS = (serve, netcat)
 
 
 def build_parser() -> Parser:

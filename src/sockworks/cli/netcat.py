@@ -1,0 +1,223 @@
+"""``sockworks connect`` and ``sockworks listen``: netcat from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from .._config import SocketOptions
+from .._endpoint import Endpoint, parse_endpoint
+from ..netcat import (
+    Hooks,
+    NetcatOptions,
+    TLSOptions,
+    connect,
+    listen,
+    scan,
+    split_host_ports,
+)
+from ._common import EXIT_ERROR, EXIT_OK, fail, positive_int, seconds
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser(
+        "connect", help="talk to a socket service: stdin to it, it to stdout",
+        description="Connect to ENDPOINT; send stdin to it and print what comes back. "
+        "At stdin EOF the write side is shut down and output continues until the peer "
+        "closes. With --zero, ENDPOINT is HOST:PORTS and the open TCP ports are listed.",
+    )
+    c.add_argument("endpoint", metavar="ENDPOINT",
+                   help="tcp:HOST:PORT, udp:HOST:PORT, unix:PATH, unixgram:PATH (HOST:PORT "
+                   "means TCP); with --zero: HOST:PORTS, e.g. 127.0.0.1:20-25,80")
+    c.add_argument("-z", "--zero", action="store_true",
+                   help="scan: report open TCP ports without sending data")
+    c.add_argument("--concurrency", type=positive_int, default=100, metavar="N",
+                   help="--zero: probes in flight at once (default 100)")
+    c.add_argument("--source", "-s", metavar="ADDR[:PORT]",
+                   help="local address (and port) to connect from; a path for unix")
+    _common_options(c, listening=False)
+    c.set_defaults(func=run_connect)
+
+    p = sub.add_parser(
+        "listen", help="accept a connection: stdin to it, it to stdout",
+        description="Listen on ENDPOINT, accept one connection (more with --keep-open), "
+        "send stdin to it and print what it sends. The bound endpoint is reported on "
+        "stderr as 'listening on ENDPOINT' (port 0 picks a free port).",
+    )
+    p.add_argument("endpoint", metavar="ENDPOINT", help="where to listen, as for serve")
+    p.add_argument("-k", "--keep-open", action="store_true",
+                   help="accept many connections at once; stdin goes to all")
+    p.add_argument("--max-conns", type=positive_int, default=64, metavar="N",
+                   help="with --keep-open: connections at once, more wait (default 64)")
+    p.add_argument("--allow", action="append", default=[], metavar="ADDR/CIDR",
+                   help="accept only these peers (repeatable)")
+    p.add_argument("--deny", action="append", default=[], metavar="ADDR/CIDR",
+                   help="refuse these peers (repeatable)")
+    _common_options(p, listening=True)
+    p.set_defaults(func=run_listen)
+
+
+def _common_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
+    flow = p.add_argument_group("data")
+    flow.add_argument("--no-shutdown", action="store_true",
+                      help="at stdin EOF keep the write side open (no half-close)")
+    flow.add_argument("--send-only", action="store_true",
+                      help="only send stdin; discard what arrives")
+    flow.add_argument("--recv-only", action="store_true",
+                      help="only print what arrives; do not read stdin")
+    flow.add_argument("--crlf", action="store_true", help="send LF as CRLF")
+    flow.add_argument("--hex", action="store_true",
+                      help="hex dump of both directions on stderr ('>' sent, '<' received)")
+    flow.add_argument("--timeout", "-w", type=seconds, metavar="SECONDS",
+                      help="give up connecting (and the TLS handshake) after this long")
+    flow.add_argument("--idle-timeout", "-i", type=seconds, metavar="SECONDS",
+                      help="give up when nothing moves for this long")
+    flow.add_argument("--wait", type=seconds, default=2.0, metavar="SECONDS",
+                      help="udp/unixgram: after stdin EOF, wait this long for more replies "
+                      "(default 2)")
+    flow.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
+                      help="prompt and show replies line by line (default: when stdin "
+                      "is a terminal)")
+    flow.add_argument("-v", "--verbose", action="store_true",
+                      help="say on stderr when connections open and close")
+    net = p.add_argument_group("network")
+    family = net.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET,
+                        default=socket.AF_UNSPEC, help="IPv4 only")
+    family.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6,
+                        help="IPv6 only")
+    net.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=False,
+                     help="TCP_NODELAY (default off: netcat moves bulk data)")
+    net.add_argument("--keepalive", action=argparse.BooleanOptionalAction, default=None,
+                     help="SO_KEEPALIVE")
+    net.add_argument("--sndbuf", type=positive_int, metavar="BYTES", help="SO_SNDBUF")
+    net.add_argument("--rcvbuf", type=positive_int, metavar="BYTES", help="SO_RCVBUF")
+    net.add_argument("--broadcast", action="store_true", default=None,
+                     help="SO_BROADCAST (udp)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="speak TLS")
+    tls.add_argument("--cafile", metavar="PEM",
+                     help="CAs to trust instead of the system store"
+                     + ("; with --require-client-cert, the CA of clients" if listening else ""))
+    if listening:
+        tls.add_argument("--cert", metavar="PEM", help="the certificate chain to present")
+        tls.add_argument("--key", metavar="PEM", help="its private key (if not in --cert)")
+        tls.add_argument("--require-client-cert", action="store_true",
+                         help="demand a client certificate signed by --cafile")
+    else:
+        tls.add_argument("--servername", metavar="NAME",
+                         help="the name to send (SNI) and verify (default: the host)")
+        tls.add_argument("--insecure", action="store_true",
+                         help="do not verify the certificate (encryption without identity)")
+        tls.add_argument("--cert", metavar="PEM", help="a client certificate to present")
+        tls.add_argument("--key", metavar="PEM", help="its private key (if not in --cert)")
+
+
+def _options(args: argparse.Namespace, *, listening: bool) -> NetcatOptions:
+    tls = None
+    if args.tls:
+        tls = TLSOptions(
+            cafile=args.cafile,
+            servername=getattr(args, "servername", None),
+            insecure=getattr(args, "insecure", False),
+            cert=args.cert,
+            key=args.key,
+            require_client_cert=getattr(args, "require_client_cert", False),
+        )
+    interactive = args.interactive
+    if interactive is None:
+        interactive = os.isatty(0) and not args.recv_only
+    return NetcatOptions(
+        shutdown=not args.no_shutdown,
+        crlf=args.crlf,
+        send_only=args.send_only,
+        recv_only=args.recv_only,
+        connect_timeout=args.timeout or None,
+        idle_timeout=args.idle_timeout or None,
+        family=args.family,
+        source=getattr(args, "source", None),
+        socket_options=SocketOptions(nodelay=False).updated(
+            nodelay=args.nodelay, keepalive=args.keepalive, sndbuf=args.sndbuf,
+            rcvbuf=args.rcvbuf, broadcast=args.broadcast,
+        ),
+        tls=tls,
+        keep_open=getattr(args, "keep_open", False),
+        max_conns=getattr(args, "max_conns", 64),
+        allow=tuple(getattr(args, "allow", ())),
+        deny=tuple(getattr(args, "deny", ())),
+        interactive=interactive,
+        datagram_wait=args.wait,
+    )
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _hooks(args: argparse.Namespace) -> Hooks:
+    def event(text: str) -> None:
+        _stderr(f"sockworks: {text}\n")
+
+    def listening(endpoint: Endpoint) -> None:
+        _stderr(f"sockworks: listening on {endpoint}\n")
+
+    return Hooks(
+        hexdump=_stderr if args.hex else None,
+        prompt=lambda: _stderr("> "),
+        listening=listening,
+        event=event if args.verbose else None,
+    )
+
+
+def _stop_on_sigterm() -> None:
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def run_connect(args: argparse.Namespace) -> int:
+    if args.zero:
+        return _run_zero(args)
+    endpoint = parse_endpoint(args.endpoint)
+    options = _options(args, listening=False)
+    _stop_on_sigterm()
+    try:
+        connect(endpoint, options, hooks=_hooks(args))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    endpoint = parse_endpoint(args.endpoint)
+    options = _options(args, listening=True)
+    _stop_on_sigterm()
+    try:
+        listen(endpoint, options, hooks=_hooks(args))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _run_zero(args: argparse.Namespace) -> int:
+    host, ports = split_host_ports(args.endpoint)
+    timeout = args.timeout or 1.0
+    _stop_on_sigterm()
+    try:
+        found = scan(host, ports, timeout=timeout, concurrency=args.concurrency,
+                     family=args.family)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    shown = f"[{host}]" if ":" in host else host
+    for port in found:
+        sys.stdout.write(f"tcp:{shown}:{port} open\n")
+    sys.stdout.flush()
+    if not found:
+        return fail(f"no open TCP port on {host} among {len(ports)} probed", EXIT_ERROR)
+    return EXIT_OK

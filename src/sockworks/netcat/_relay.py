@@ -1,0 +1,875 @@
+"""The relay: stdin to sockets, sockets to stdout, in one poll loop.
+
+One thread, non-blocking sockets, a :class:`selectors.PollSelector` (poll,
+not epoll: epoll refuses regular files, and stdin is often one). Data moves
+through two preallocated 256 KiB buffers: ``os.readv`` and ``recv_into``
+fill them, ``send``/``os.write`` take memoryview slices of them, so no
+chunk is copied or allocated on the way unless ``--crlf`` must rewrite it.
+Stdin is not read again until every connection has taken the last chunk:
+memory stays flat whatever the transfer size.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import selectors
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .._config import SocketOptions
+from .._endpoint import Endpoint, parse_endpoint
+from .._errors import SockworksError, UsageError
+from .._protocol import Peer
+from .._sockets import apply_options, bind
+from ._text import AddressFilter, CrlfTranslator, hexdump, parse_source
+from ._tls import TLSOptions, client_context, describe_tls_error, server_context
+
+# Large enough that a 1 GiB transfer is ~4000 trips round the loop, so
+# Python's per-chunk cost vanishes next to the kernel's copying; small
+# enough to stay in L2 cache.
+BUFSIZE = 256 * 1024
+# The largest UDP payload over IPv4; stdin reads are cut to this size in
+# datagram mode so that each read becomes exactly one datagram.
+MAX_DATAGRAM = 65507
+# Pipes default to 64 KiB; 1 MiB (the unprivileged maximum) lets the
+# process at the other end of a pipe run ahead of us.
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+_STDIN = "stdin"
+_LISTENER = "listener"
+
+
+class NetworkError(SockworksError):
+    """Refused, reset, timed out, TLS failure, host not found: one line."""
+
+
+class IdleTimeout(NetworkError):
+    """Nothing moved in either direction for ``--idle-timeout`` seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetcatOptions:
+    """How ``connect`` and ``listen`` behave; every field has the netcat default."""
+
+    # At stdin EOF, shut down our write side (the peer sees EOF) and keep
+    # printing until the peer closes: ``nc -N``. False: ``--no-shutdown``.
+    shutdown: bool = True
+    crlf: bool = False
+    send_only: bool = False
+    recv_only: bool = False
+    # Seconds to wait for a connection (and its TLS handshake); None: the OS's.
+    connect_timeout: float | None = None
+    # Seconds with no data either way before giving up; None: never.
+    idle_timeout: float | None = None
+    # socket.AF_INET / AF_INET6 for -4 / -6; AF_UNSPEC: whatever resolves.
+    family: int = socket.AF_UNSPEC
+    # --source ADDR[:PORT] (a path for unix transports).
+    source: str | None = None
+    # Nagle stays on: a netcat moves bulk data; --nodelay for keystrokes.
+    socket_options: SocketOptions = field(default_factory=lambda: SocketOptions(nodelay=False))
+    tls: TLSOptions | None = None
+    # listen: serve many connections at once (stdin goes to all of them).
+    keep_open: bool = False
+    # listen --keep-open: connections at once; more wait in the backlog.
+    max_conns: int = 64
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    # stdin is a terminal: prompt, a line per message; UDP replies show the sender.
+    interactive: bool = False
+    # Datagrams have no close: after stdin EOF, connect waits this long for
+    # more replies (since the last one) and ends.
+    datagram_wait: float = 2.0
+
+    def check(self, endpoint: Endpoint, *, listening: bool) -> None:
+        """Raise :class:`UsageError` for combinations that cannot work."""
+        if self.send_only and self.recv_only:
+            raise UsageError("--send-only and --recv-only exclude each other")
+        if self.tls is not None and not endpoint.is_stream:
+            raise UsageError(f"--tls works over tcp and unix streams, not {endpoint.transport}")
+        if self.family != socket.AF_UNSPEC and not endpoint.is_inet:
+            raise UsageError("-4/-6 apply to tcp and udp endpoints only")
+        if self.socket_options.broadcast and endpoint.transport != "udp":
+            raise UsageError("--broadcast applies to udp endpoints only")
+        if not listening and endpoint.is_inet and endpoint.port == 0:
+            raise UsageError(f"{endpoint}: cannot connect to port 0")
+        if listening and self.source:
+            raise UsageError("--source applies to connect; listen binds ENDPOINT itself")
+        tls = self.tls
+        if (tls is not None and not listening and endpoint.transport == "unix"
+                and not tls.servername and not tls.insecure):
+            raise UsageError("--tls over unix needs --servername (the name to verify) "
+                             "or --insecure")
+        AddressFilter.parse(self.allow, self.deny)  # raises on a bad rule
+
+
+@dataclass(slots=True)
+class Hooks:
+    """What the relay reports to its caller. The library never prints: the
+    CLI decides where these go. Each is optional."""
+
+    # --hex: dump lines, ``>`` for sent and ``<`` for received.
+    hexdump: Callable[[str], None] | None = None
+    # Interactive mode: show the prompt.
+    prompt: Callable[[], None] | None = None
+    # listen: the bound endpoint, with the real port.
+    listening: Callable[[Endpoint], None] | None = None
+    # Connections opened, refused, closed; errors that do not end a
+    # --keep-open listener.
+    event: Callable[[str], None] | None = None
+
+
+class _Conn:
+    __slots__ = ("addr", "closed", "dgram", "eof", "handshaking", "last", "out", "peer",
+                 "shut", "sock", "targets", "tls", "want")
+
+    def __init__(self, sock: socket.socket, peer: str, *, dgram: bool = False,
+                 tls: bool = False, handshaking: bool = False) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.dgram = dgram
+        self.tls = tls
+        self.handshaking = handshaking
+        self.want = selectors.EVENT_READ
+        self.out: memoryview | None = None
+        self.eof = False
+        self.shut = False
+        self.closed = False
+        self.last = time.monotonic()
+        # Datagram peers: None means "the connected peer" (send, not sendto).
+        self.targets: list[object] = []
+        self.addr: object = None
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+def describe_error(exc: BaseException, where: str) -> str:
+    """One line naming a network error."""
+    if isinstance(exc, ssl.SSLError):
+        return describe_tls_error(exc, where)
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"timed out connecting to {where}"
+    if isinstance(exc, socket.gaierror):
+        return f"host not found: {where} ({exc.strerror})"
+    code = getattr(exc, "errno", None)
+    words = {
+        errno.ECONNREFUSED: f"connection refused by {where}",
+        errno.ECONNRESET: f"connection reset by {where}",
+        errno.EPIPE: f"connection closed by {where} before all data was sent",
+        errno.ENETUNREACH: f"network unreachable: {where}",
+        errno.EHOSTUNREACH: f"host unreachable: {where}",
+        errno.ETIMEDOUT: f"connection to {where} timed out",
+        errno.ENOENT: f"no socket at {where}",
+        errno.EACCES: f"permission denied: {where}",
+        errno.EMSGSIZE: f"datagram too large for {where}",
+    }
+    if code in words:
+        return words[code]
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{where}: {text}"
+
+
+def _resolve(endpoint: Endpoint, family: int, kind: int) -> list[tuple[int, object]]:
+    host = endpoint.host or "localhost"
+    try:
+        infos = socket.getaddrinfo(host, endpoint.port, family, kind)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_ADDRFAMILY or (
+            family != socket.AF_UNSPEC and exc.errno == socket.EAI_NONAME
+            and _is_literal(host)
+        ):
+            version = "IPv4" if family == socket.AF_INET else "IPv6"
+            raise NetworkError(f"{host} has no {version} address") from None
+        raise NetworkError(f"host not found: {host} ({exc.strerror})") from None
+    return [(info[0], info[4]) for info in infos]
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# opening sockets
+
+
+def _client_socket(endpoint: Endpoint, options: NetcatOptions) -> socket.socket:
+    """A connected (blocking) client socket; NetworkError naming what failed."""
+    kind = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    if not endpoint.is_inet:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            if options.source:
+                sock.bind(options.source)
+            elif endpoint.transport == "unixgram":
+                # Autobind to an abstract address so that replies can reach us.
+                sock.bind("")
+            sock.settimeout(options.connect_timeout)
+            sock.connect(endpoint.path)
+        except OSError as exc:
+            sock.close()
+            raise NetworkError(describe_error(exc, str(endpoint))) from None
+        return sock
+    last: OSError | None = None
+    for family, address in _resolve(endpoint, options.family, kind):
+        sock = socket.socket(family, kind)
+        try:
+            _prepare(sock, endpoint, options, family)
+            sock.settimeout(options.connect_timeout)
+            sock.connect(address)  # type: ignore[arg-type]
+            return sock
+        except _SourceError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            last = exc
+    assert last is not None
+    raise NetworkError(describe_error(last, str(endpoint))) from None
+
+
+class _SourceError(NetworkError):
+    pass
+
+
+def _prepare(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions,
+             family: int) -> None:
+    apply_options(sock, options.socket_options, stream=endpoint.is_stream, inet=True)
+    if endpoint.transport == "udp" and options.socket_options.broadcast:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    if options.source:
+        host, port = parse_source(options.source)
+        if family == socket.AF_INET6 and host and ":" not in host and _is_literal(host):
+            host = "::ffff:" + host
+        try:
+            if port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = {errno.EADDRINUSE: "address already in use",
+                      errno.EADDRNOTAVAIL: "not an address of this machine",
+                      errno.EACCES: "permission denied"}.get(exc.errno or 0)
+            raise _SourceError(
+                f"cannot bind --source {options.source}: {reason or exc.strerror}"
+            ) from None
+
+
+def _tls_client(sock: socket.socket, endpoint: Endpoint, tls: TLSOptions,
+                timeout: float | None) -> ssl.SSLSocket:
+    context = client_context(tls)
+    name = tls.servername or (endpoint.host if endpoint.is_inet else None)
+    if not context.check_hostname:
+        name = tls.servername or (endpoint.host if endpoint.is_inet and
+                                  not _is_literal(endpoint.host) else None)
+    try:
+        sock.settimeout(timeout)
+        tsock = context.wrap_socket(sock, server_hostname=name)
+    except ssl.SSLError as exc:
+        sock.close()
+        raise NetworkError(describe_tls_error(exc, str(endpoint), name)) from None
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(describe_error(exc, str(endpoint))) from None
+    return tsock
+
+
+def _peer_name(address: object) -> str:
+    return str(Peer.from_address(address))
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only costs speed
+
+
+# --------------------------------------------------------------------------
+# the public entry points
+
+
+def connect(
+    endpoint: Endpoint | str,
+    options: NetcatOptions | None = None,
+    *,
+    stdin: int | None = 0,
+    stdout: int = 1,
+    hooks: Hooks | None = None,
+) -> None:
+    """Connect to ``endpoint`` and relay ``stdin`` to it and it to ``stdout``.
+
+    Returns when the exchange is over (see :class:`NetcatOptions`); raises
+    :class:`NetworkError` for refused, reset, timeouts, TLS failures and
+    unknown hosts, :class:`UsageError` for options that cannot work.
+    ``stdin``/``stdout`` are file descriptors; ``stdin=None`` sends nothing.
+    """
+    ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+    options = options or NetcatOptions()
+    options.check(ep, listening=False)
+    if options.tls is not None:
+        client_context(options.tls)  # a bad --cafile is a usage error, before connecting
+    sock = _client_socket(ep, options)
+    if options.tls is not None:
+        sock = _tls_client(sock, ep, options.tls, options.connect_timeout)
+    sock.setblocking(False)
+    conn = _Conn(sock, str(ep), dgram=not ep.is_stream, tls=options.tls is not None)
+    if conn.dgram:
+        conn.targets = [None]
+    relay = _Relay(options, hooks or Hooks(), stdin, stdout, listener=None, connecting=True)
+    relay.add(conn)
+    relay.run()
+
+
+def listen(
+    endpoint: Endpoint | str,
+    options: NetcatOptions | None = None,
+    *,
+    stdin: int | None = 0,
+    stdout: int = 1,
+    hooks: Hooks | None = None,
+) -> None:
+    """Bind ``endpoint``, report it through ``hooks.listening`` (with the
+    real port), accept one connection (or, with ``keep_open``, many) and
+    relay as :func:`connect` does."""
+    ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+    options = options or NetcatOptions()
+    options.check(ep, listening=True)
+    hooks = hooks or Hooks()
+    context = server_context(options.tls) if options.tls is not None else None
+    ep = _listen_host(ep, options.family)
+    bound = bind(ep, options.socket_options)
+    relay = _Relay(options, hooks, stdin, stdout, listener=bound.sock, context=context)
+    try:
+        if not ep.is_stream:
+            conn = _Conn(bound.sock, str(bound.endpoint), dgram=True)
+            relay.listener = None
+            relay.add(conn, announce=False)
+        if hooks.listening:
+            hooks.listening(bound.endpoint)
+        relay.run()
+    finally:
+        bound.sock.close()
+        if not ep.is_inet:
+            try:
+                os.unlink(ep.path)
+            except OSError:
+                pass
+
+
+def _listen_host(ep: Endpoint, family: int) -> Endpoint:
+    if not ep.is_inet or family == socket.AF_UNSPEC:
+        return ep
+    if ep.host in ("", "*"):
+        return Endpoint(ep.transport, "0.0.0.0" if family == socket.AF_INET else "::", ep.port)
+    kind = socket.SOCK_STREAM if ep.is_stream else socket.SOCK_DGRAM
+    _, address = _resolve(ep, family, kind)[0]
+    return Endpoint(ep.transport, str(address[0]), ep.port)  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------
+# the loop
+
+
+class _StdoutClosed(Exception):
+    pass
+
+
+class _Relay:
+    def __init__(self, options: NetcatOptions, hooks: Hooks, stdin: int | None, stdout: int,
+                 *, listener: socket.socket | None, context: ssl.SSLContext | None = None,
+                 connecting: bool = False) -> None:
+        self.options = options
+        self.hooks = hooks
+        self.stdin = stdin
+        self.stdout = stdout
+        self.listener = listener
+        self.context = context
+        self.connecting = connecting
+        self.filter = AddressFilter.parse(options.allow, options.deny)
+        self.sel = selectors.PollSelector()
+        self.masks: dict[object, int] = {}
+        self.conns: list[_Conn] = []
+        self.accepted = 0
+        self.rbuf = bytearray(BUFSIZE)
+        self.rview = memoryview(self.rbuf)
+        self.wbuf = bytearray(BUFSIZE)
+        self.wview = memoryview(self.wbuf)
+        self.crlf = CrlfTranslator() if options.crlf else None
+        self.stdin_eof = stdin is None or options.recv_only
+        self.stdin_eof_at = time.monotonic()
+        self.last = time.monotonic()
+        self.tx = 0
+        self.rx = 0
+        self.prompt_due: float | None = None
+        self.done = False
+        if stdin is not None and not options.recv_only:
+            _grow_pipe(stdin)
+        _grow_pipe(stdout)
+
+    # -- bookkeeping -------------------------------------------------------
+
+    def _event(self, text: str) -> None:
+        if self.hooks.event:
+            self.hooks.event(text)
+
+    def _set_mask(self, key: object, fileobj: int | socket.socket, mask: int) -> None:
+        old = self.masks.get(key, 0)
+        if mask == old:
+            return
+        if not old:
+            self.sel.register(fileobj, mask, key)
+        elif not mask:
+            self.sel.unregister(fileobj)
+        else:
+            self.sel.modify(fileobj, mask, key)
+        if mask:
+            self.masks[key] = mask
+        else:
+            self.masks.pop(key, None)
+
+    def add(self, conn: _Conn, *, announce: bool = True) -> None:
+        self.conns.append(conn)
+        if self.options.interactive and not conn.handshaking and self.hooks.prompt:
+            self.hooks.prompt()
+        if self.stdin_eof and not conn.handshaking:
+            self._shutdown_write(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._set_mask(conn, conn.sock, 0)
+        if conn in self.conns:
+            self.conns.remove(conn)
+        if conn.sock is not self.listener:
+            conn.sock.close()
+
+    def _targets(self) -> list[_Conn]:
+        return [c for c in self.conns if not c.handshaking and not c.shut and (
+            not c.dgram or c.targets)]
+
+    def _stdin_done(self) -> bool:
+        return self.stdin_eof and all(c.out is None for c in self.conns)
+
+    def _finished(self) -> bool:
+        if self.done:
+            return True
+        if self.options.keep_open:
+            return False
+        if self.listener is not None and self.accepted == 0:
+            return False
+        if not self.conns:
+            return True
+        conn = self.conns[0]
+        if conn.dgram:
+            return False  # connect: ends in _timers; listen: by signal
+        if conn.eof:
+            return self._stdin_done() or self.options.interactive or not self.options.shutdown
+        return self.options.send_only and not self.options.shutdown and self._stdin_done()
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._finished():
+                self._update_interest()
+                events = self.sel.select(self._timeout())
+                for key, mask in events:
+                    tag = key.data
+                    if tag == _STDIN:
+                        self._read_stdin()
+                    elif tag == _LISTENER:
+                        self._accept()
+                    elif isinstance(tag, _Conn) and not tag.closed:
+                        if tag.handshaking:
+                            self._handshake(tag)
+                            continue
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(tag)
+                        if mask & selectors.EVENT_READ and not tag.closed:
+                            self._read_conn(tag)
+                self._timers()
+        except _StdoutClosed:
+            pass  # `sockworks connect … | head`: the reader has what it wanted
+        finally:
+            for conn in list(self.conns):
+                self._close(conn)
+            if self.listener is not None and _LISTENER in self.masks:
+                self.sel.unregister(self.listener)
+            self.sel.close()
+
+    def _update_interest(self) -> None:
+        want_stdin = (not self.stdin_eof and bool(self._targets())
+                      and all(c.out is None for c in self.conns))
+        if self.stdin is not None:
+            self._set_mask(_STDIN, self.stdin, selectors.EVENT_READ if want_stdin else 0)
+        if self.listener is not None:
+            accepting = (len(self.conns) < self.options.max_conns if self.options.keep_open
+                         else self.accepted == 0)
+            self._set_mask(_LISTENER, self.listener, selectors.EVENT_READ if accepting else 0)
+        for conn in self.conns:
+            if conn.handshaking:
+                mask = conn.want
+            else:
+                mask = 0 if conn.eof else selectors.EVENT_READ
+                if conn.out is not None:
+                    mask |= selectors.EVENT_WRITE
+            self._set_mask(conn, conn.sock, mask)
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines: list[float] = []
+        idle = self.options.idle_timeout
+        if idle:
+            if self.options.keep_open:
+                deadlines.extend(c.last + idle for c in self.conns)
+            elif self.conns or self.listener is None:
+                deadlines.append(self.last + idle)
+        if self.prompt_due is not None:
+            deadlines.append(self.prompt_due)
+        linger = self._linger_deadline()
+        if linger is not None:
+            deadlines.append(linger)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _linger_deadline(self) -> float | None:
+        if not (self.connecting and self.stdin_eof and self.conns and self.conns[0].dgram):
+            return None
+        if self.options.recv_only:
+            return None
+        return max(self.stdin_eof_at, self.conns[0].last) + self.options.datagram_wait
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if self.prompt_due is not None and now >= self.prompt_due:
+            self.prompt_due = None
+            if self.hooks.prompt:
+                self.hooks.prompt()
+        linger = self._linger_deadline()
+        if linger is not None and now >= linger:
+            self.done = True
+        idle = self.options.idle_timeout
+        if not idle:
+            return
+        if self.options.keep_open:
+            for conn in list(self.conns):
+                if now - conn.last >= idle and not conn.dgram:
+                    self._event(f"{conn.peer}: idle for {idle:g} s, closing")
+                    self._close(conn)
+        elif (self.conns or self.listener is None) and now - self.last >= idle:
+            raise IdleTimeout(f"idle for {idle:g} s (--idle-timeout), giving up")
+
+    # -- stdin → sockets --------------------------------------------------------
+
+    def _read_stdin(self) -> None:
+        assert self.stdin is not None
+        dgram = any(c.dgram for c in self.conns)
+        view = self.wview[:MAX_DATAGRAM] if dgram else self.wview
+        try:
+            n = os.readv(self.stdin, [view])
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0  # EIO: the terminal went away; that is the end of input
+        if n == 0:
+            self._stdin_ended()
+            return
+        now = time.monotonic()
+        self.last = now
+        data: memoryview = view[:n]
+        if self.options.interactive and dgram:
+            data = memoryview(bytes(data).rstrip(b"\r\n"))
+        if self.crlf is not None:
+            data = memoryview(self.crlf.feed(data))
+        if self.hooks.hexdump:
+            self.hooks.hexdump(hexdump(data, self.tx, ">"))
+        self.tx += len(data)
+        for conn in self._targets():
+            conn.last = now
+            if conn.dgram:
+                self._send_datagram(conn, data)
+            else:
+                conn.out = data
+                self._flush(conn)
+        if self.options.interactive:
+            self.prompt_due = now + 0.5
+
+    def _stdin_ended(self) -> None:
+        self.stdin_eof = True
+        self.stdin_eof_at = time.monotonic()
+        for conn in list(self.conns):
+            if conn.out is None:
+                self._shutdown_write(conn)
+
+    def _shutdown_write(self, conn: _Conn) -> None:
+        if conn.shut or conn.dgram or conn.closed or not self.options.shutdown:
+            return
+        conn.shut = True
+        try:
+            # socket.socket.shutdown, not SSLSocket.shutdown: the latter
+            # drops the TLS state and we still have to read the reply.
+            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+        except OSError:
+            pass  # already gone; the read side will say how
+
+    def _flush(self, conn: _Conn) -> None:
+        view = conn.out
+        send = conn.sock.send
+        try:
+            while view:
+                view = view[send(view):]
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        except OSError as exc:
+            conn.out = None
+            self._conn_failed(conn, exc)
+            return
+        if view:
+            conn.out = view
+            return
+        conn.out = None
+        if self.stdin_eof:
+            self._shutdown_write(conn)
+
+    def _send_datagram(self, conn: _Conn, data: memoryview) -> None:
+        for target in list(conn.targets):
+            for _ in range(2):
+                try:
+                    if target is None:
+                        conn.sock.send(data)
+                    else:
+                        conn.sock.sendto(data, target)  # type: ignore[call-overload]
+                    break
+                except BlockingIOError:
+                    select.select([], [conn.sock], [], 1.0)  # a full send buffer: rare
+                except OSError as exc:
+                    if self.listener is None and not self.connecting and target is not None:
+                        conn.targets.remove(target)  # a listener's peer went away
+                        break
+                    self._conn_failed(conn, exc)
+                    return
+
+    # -- sockets → stdout --------------------------------------------------------
+
+    def _read_conn(self, conn: _Conn) -> None:
+        sock = conn.sock
+        while True:
+            try:
+                if conn.dgram:
+                    n, address = sock.recvfrom_into(self.rbuf)
+                else:
+                    n = sock.recv_into(self.rbuf)
+                    address = None
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except ssl.SSLEOFError:
+                n, address = 0, None  # EOF without close_notify: still EOF
+            except OSError as exc:
+                if conn.dgram and not self.connecting and exc.errno == errno.ECONNREFUSED:
+                    return  # our last datagram's peer is gone; keep listening
+                self._conn_failed(conn, exc)
+                return
+            if conn.dgram:
+                self._got_datagram(conn, n, address)
+            elif n == 0:
+                self._peer_closed(conn)
+                return
+            else:
+                self._deliver(conn, self.rview[:n], None)
+            if not (conn.tls and sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    def _got_datagram(self, conn: _Conn, n: int, address: object) -> None:
+        if not self.connecting and address:
+            peer = Peer.from_address(address)
+            if self.filter and not self.filter.permits(peer.host):
+                self._event(f"refused a datagram from {peer} (--allow/--deny)")
+                return
+            if address not in conn.targets:
+                if self.options.keep_open:
+                    conn.targets.append(address)
+                    self._event(f"datagrams from {peer}")
+                elif not conn.targets:
+                    # The first sender is our peer from now on, as with `nc -ul`.
+                    try:
+                        conn.sock.connect(address)  # type: ignore[arg-type]
+                        conn.targets = [None]
+                        conn.peer = str(peer)
+                    except OSError:
+                        conn.targets = [address]
+                    self.accepted = 1
+                    self._event(f"datagrams from {peer}")
+                    if self.options.interactive and self.hooks.prompt:
+                        self.hooks.prompt()
+                else:
+                    return  # not our peer
+        self._deliver(conn, self.rview[:n], address)
+
+    def _deliver(self, conn: _Conn, data: memoryview, address: object) -> None:
+        now = time.monotonic()
+        self.last = conn.last = now
+        if self.hooks.hexdump:
+            self.hooks.hexdump(hexdump(data, self.rx, "<"))
+        self.rx += len(data)
+        if self.options.send_only:
+            return
+        if self.options.interactive:
+            text = bytes(data)
+            if conn.dgram:
+                sender = _peer_name(address) if address else conn.peer
+                text = sender.encode() + b": " + text
+            if not text.endswith(b"\n"):
+                text += b"\n"
+            self._write_out(memoryview(text))
+            self.prompt_due = None
+            if self.hooks.prompt:
+                self.hooks.prompt()
+            return
+        self._write_out(data)
+
+    def _write_out(self, data: memoryview) -> None:
+        fd = self.stdout
+        try:
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    select.select([], [fd], [])
+        except (BrokenPipeError, ConnectionResetError):
+            raise _StdoutClosed() from None
+
+    def _peer_closed(self, conn: _Conn) -> None:
+        conn.eof = True
+        if self.options.keep_open:
+            self._event(f"{conn.peer} closed the connection")
+            self._close(conn)
+
+    # -- listening ---------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, address = self.listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._event(f"accept failed: {exc.strerror or exc}")
+            return
+        peer = Peer.from_address(address)
+        if self.filter and not self.filter.permits(peer.host):
+            self._event(f"refused a connection from {peer} (--allow/--deny)")
+            sock.close()
+            return
+        self.accepted += 1
+        self._event(f"connection from {peer}")
+        sock.setblocking(False)
+        inet = sock.family != socket.AF_UNIX
+        try:
+            apply_options(sock, self.options.socket_options, stream=True, inet=inet)
+        except OSError:
+            pass
+        if self.context is not None:
+            tsock = self.context.wrap_socket(sock, server_side=True,
+                                             do_handshake_on_connect=False)
+            conn = _Conn(tsock, str(peer), tls=True, handshaking=True)
+            self.conns.append(conn)
+            self._handshake(conn)
+            return
+        self.add(_Conn(sock, str(peer)))
+
+    def _handshake(self, conn: _Conn) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            conn.want = selectors.EVENT_READ
+            return
+        except ssl.SSLWantWriteError:
+            conn.want = selectors.EVENT_WRITE
+            return
+        except OSError as exc:
+            self._conn_failed(conn, exc)
+            return
+        conn.handshaking = False
+        self.conns.remove(conn)
+        self.add(conn)
+
+    def _conn_failed(self, conn: _Conn, exc: BaseException) -> None:
+        message = describe_error(exc, conn.peer)
+        if self.options.keep_open:
+            self._event(message)
+            self._close(conn)
+            return
+        self._close(conn)
+        raise NetworkError(message)
+
+
+def scan(
+    host: str,
+    ports: Sequence[int],
+    *,
+    timeout: float = 1.0,
+    concurrency: int = 100,
+    family: int = socket.AF_UNSPEC,
+) -> list[int]:
+    """The TCP ports of ``host`` that accept a connection (``--zero``).
+
+    Nothing is sent: each probe connects and closes. At most ``concurrency``
+    probes are in flight, each given ``timeout`` seconds.
+    """
+    if concurrency < 1:
+        raise UsageError("concurrency must be at least 1")
+    fam, address = _resolve(Endpoint("tcp", host, 1), family, socket.SOCK_STREAM)[0]
+    ip = address[0]  # type: ignore[index]
+    found: list[int] = []
+    todo = iter(ports)
+    active: dict[int, tuple[socket.socket, int, float]] = {}
+    with selectors.DefaultSelector() as sel:
+        exhausted = False
+        while True:
+            while not exhausted and len(active) < concurrency:
+                port = next(todo, None)
+                if port is None:
+                    exhausted = True
+                    break
+                sock = socket.socket(fam, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                code = sock.connect_ex((ip, port))
+                if code == 0:
+                    found.append(port)
+                    sock.close()
+                elif code in (errno.EINPROGRESS, errno.EAGAIN):
+                    active[sock.fileno()] = (sock, port, time.monotonic() + timeout)
+                    sel.register(sock, selectors.EVENT_WRITE)
+                else:
+                    sock.close()
+            if not active:
+                break
+            wait = min(d for _, _, d in active.values()) - time.monotonic()
+            for key, _ in sel.select(max(0.0, wait)):
+                sock, port, _ = active.pop(key.fd)
+                sel.unregister(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    found.append(port)
+                sock.close()
+            now = time.monotonic()
+            for fd, (sock, _, deadline) in list(active.items()):
+                if now >= deadline:
+                    del active[fd]
+                    sel.unregister(sock)
+                    sock.close()
+    return sorted(found)
