@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ._access import AccessControl, AccessPolicy, LogThrottle
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import ConfigError
@@ -69,6 +70,10 @@ class ServiceConfig:
     name: str = "service"
     limits: Limits = field(default_factory=Limits)
     options: SocketOptions = field(default_factory=SocketOptions)
+    # Access control and abuse protection (allow/deny, per-source and rate
+    # limits, the UDP amplification guard). None: no checks at all, the
+    # API's default; the CLI and config files always set one.
+    access: AccessPolicy | None = None
 
     @classmethod
     def create(
@@ -79,6 +84,7 @@ class ServiceConfig:
         name: str | None = None,
         limits: Limits | None = None,
         options: SocketOptions | None = None,
+        access: AccessPolicy | None = None,
     ) -> ServiceConfig:
         endpoints = tuple(e if isinstance(e, Endpoint) else parse_endpoint(e) for e in listen)
         if not endpoints:
@@ -89,6 +95,7 @@ class ServiceConfig:
             name=name or str(getattr(handler, "__name__", type(handler).__name__)),
             limits=limits or Limits(),
             options=options or SocketOptions(),
+            access=access,
         )
 
 
@@ -116,6 +123,20 @@ class ConnectionGroup:
         self._idle = asyncio.Event()
         self._idle.set()
         self._listeners: list[_Listener] = []
+        # Set by Server.start() when the service has an access policy.
+        self.access: AccessControl | None = None
+        self._refusals = LogThrottle(loop.time)
+
+    def refused(self, peer: Peer, reason: str, *, datagram: bool = False) -> None:
+        """Log a refused connection (one INFO line each) or a dropped
+        datagram (at most one line a second per source and reason)."""
+        if not datagram:
+            self.log.info("%s refused: %s", peer, reason)
+            return
+        suppressed = self._refusals.check(f"{peer.host}|{reason}")
+        if suppressed is not None:
+            more = f" (and {suppressed} more like it)" if suppressed else ""
+            self.log.info("%s datagram dropped: %s%s", peer, reason, more)
 
     def add(self, conn: Connection) -> None:
         self.live.add(conn)
@@ -125,6 +146,9 @@ class ConnectionGroup:
                 listener.pause()
 
     def discard(self, conn: Connection) -> None:
+        if self.access is not None and conn in self.live:
+            stats = getattr(conn, "stats", None)
+            self.access.release_connection(stats.peer.host if stats is not None else "")
         self.live.discard(conn)
         if not self.live:
             self._idle.set()
@@ -191,7 +215,16 @@ class _Listener:
                 group.log.debug("cannot set options on accepted socket: %s", exc)
                 conn.close()
                 continue
-            group.driver.start_stream(conn, format_peer(addr), group)
+            peer = format_peer(addr)
+            if group.access is not None:
+                # Checked after accept, before anything is started: a
+                # refused peer costs one close and one log line.
+                refused = group.access.admit_connection(peer.host)
+                if refused is not None:
+                    conn.close()
+                    group.refused(peer, refused)
+                    continue
+            group.driver.start_stream(conn, peer, group)
 
     def close(self) -> None:
         # Closed at once, not at the end of the grace period: new peers are
@@ -275,8 +308,20 @@ class Server:
         self.bind()
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        # A datagram from one of our own UDP ports is another service's
+        # reply: never answered, so that no two services can loop.
+        udp_ports = {
+            b.endpoint.port for _, _, bs in self._plan for b in bs if b.endpoint.transport == "udp"
+        }
         for config, driver, bound_sockets in self._plan:
             group = ConnectionGroup(config, driver, loop)
+            if config.access is not None:
+                group.access = AccessControl(
+                    config.access,
+                    loop.time,
+                    own_ports=udp_ports,
+                    max_datagram=config.limits.max_datagram,
+                )
             self.groups.append(group)
             for bound in bound_sockets:
                 if bound.endpoint.is_stream:

@@ -298,12 +298,16 @@ class DatagramConnection:
         addr: Any,
         transport: asyncio.DatagramTransport,
         loop: asyncio.AbstractEventLoop,
+        budget: int | None = None,
     ) -> None:
         self.peer = format_peer(addr)
         self._data: bytes | None = data
         self._addr = addr
         self._transport = transport
         self._loop = loop
+        # Bytes the replies to this datagram may add up to (the UDP
+        # amplification guard); None: no limit.
+        self._budget = budget
 
     def recv(self, bufsize: int = 65536) -> bytes:
         data, self._data = self._data or b"", None
@@ -312,6 +316,13 @@ class DatagramConnection:
     def sendall(self, data: bytes) -> None:
         if not self._addr:
             raise ConnectionClosed("the peer has no address to reply to (unbound unixgram)")
+        if self._budget is not None:
+            if len(data) > self._budget:
+                raise ConnectionClosed(
+                    f"reply of {len(data)} B exceeds the amplification limit"
+                    f" ({self._budget} B left)"
+                )
+            self._budget -= len(data)
         self._loop.call_soon_threadsafe(self._transport.sendto, bytes(data), self._addr)
 
     def send(self, data: bytes) -> int:
@@ -348,7 +359,16 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
             )
             return
         assert self.transport is not None
-        conn = DatagramConnection(data, addr, self.transport, self.group.loop)
+        budget = None
+        access = self.group.access
+        if access is not None:
+            peer = format_peer(addr)
+            refused = access.admit_datagram(peer.host, peer.port, len(data))
+            if refused is not None:
+                self.group.refused(peer, refused, datagram=True)
+                return
+            budget = access.policy.reply_allowance(len(data))
+        conn = DatagramConnection(data, addr, self.transport, self.group.loop, budget)
         pool.submit(lambda: self.driver.run_datagram(conn, self.group))
 
     def error_received(self, exc: Exception) -> None:

@@ -293,15 +293,26 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         peer = format_peer(addr)
+        access = self.group.access
+        if access is not None:
+            refused = access.admit_datagram(peer.host, peer.port, len(data))
+            if refused is not None:
+                self.group.refused(peer, refused, datagram=True)
+                return
         try:
             reply = self.proto.on_datagram(data, peer)
         except RemoteProtocolError as exc:
-            self.group.log.info("%s: datagram dropped: %s", peer, exc.reason)
+            self.group.refused(peer, exc.reason, datagram=True)
             return
         except Exception:
             self.group.log.exception("%s: protocol error on a datagram", peer)
             return
         self.group.log.debug("%s: %d B in, %d B out", peer, len(data), len(reply or b""))
+        if reply is not None and access is not None:
+            refused = access.check_reply(len(data), len(reply))
+            if refused is not None:
+                self.group.refused(peer, refused, datagram=True)
+                return
         if reply is not None and self.transport is not None:
             if not addr:  # an unbound Unix datagram client has no address
                 self.group.log.debug("cannot reply to an unbound unixgram peer")

@@ -7,17 +7,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .._config import SocketOptions
+from .._access import parse_network
+from .._configfile import SERVICE_KEYS, build_service, load_config
 from .._endpoint import parse_endpoint
+from .._errors import ConfigError, UsageError
 from .._run import run_services
 from .._server import Server, ServiceConfig
-from ..services import SERVICES, ServiceOptions, ServiceSpec, get_service
+from ..services import SERVICES, ServiceSpec, get_service
 from ._common import EXIT_OK, add_logging_options, positive_int, seconds, setup_logging
 
 
 def register(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run a service", description="Run one service.")
-    serve.add_argument("service", metavar="SERVICE", help="service name: " + ", ".join(SERVICES))
+    serve = sub.add_parser(
+        "serve", help="run a service",
+        description="Run one service, or (--config) any number of them, inetd style.",
+    )
+    serve.add_argument("service", metavar="SERVICE", nargs="?",
+                       help="service name: " + ", ".join(SERVICES))
+    serve.add_argument("--config", "-c", metavar="FILE.toml",
+                       help="run the services a TOML file describes (see docs/classic.md)")
     serve.add_argument(
         "--listen", "-l", metavar="ENDPOINT", action="append", default=[],
         help="where to listen (repeatable): tcp:HOST:PORT, tcp:[::1]:PORT, udp:HOST:PORT, "
@@ -26,6 +34,8 @@ def register(sub: Any) -> None:
     )
     service = serve.add_argument_group("service options")
     service.add_argument("--token", help="greeting: the token that is welcomed (default 1)")
+    service.add_argument("--quotes", metavar="FILE",
+                         help="qotd: quotes to serve, one per paragraph (default: built-in)")
     add_server_options(serve)
     serve.set_defaults(func=run_serve)
 
@@ -55,7 +65,9 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                         "(default 262144)")
     limits.add_argument("--threads", type=positive_int, metavar="N",
                         help="threads for blocking handlers (default 64)")
-    limits.add_argument("--grace", type=seconds, default=5.0, metavar="SECONDS",
+    limits.add_argument("--max-datagram", type=positive_int, metavar="BYTES",
+                        help="larger datagrams are dropped (default 65535)")
+    limits.add_argument("--grace", type=seconds, metavar="SECONDS",
                         help="on SIGINT/SIGTERM, time connections get to finish (default 5)")
     sock = p.add_argument_group("socket options")
     sock.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=None,
@@ -72,35 +84,96 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                       help="SO_BROADCAST, for UDP")
     sock.add_argument("--reuse-port", action="store_true", default=None,
                       help="SO_REUSEPORT: let several processes share the port")
+    add_access_options(p)
     add_logging_options(p)
+
+
+def _network(text: str) -> str:
+    try:
+        parse_network(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _rate(text: str) -> float | str:
+    if text.lower() == "off":
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or off)") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive (or off)")
+    return value
+
+
+def _factor(text: str) -> float | str:
+    if text.lower() == "off":
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or off)") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be zero or more (or off)")
+    return value
+
+
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    return value
+
+
+def add_access_options(p: argparse.ArgumentParser) -> None:
+    acc = p.add_argument_group(
+        "access control (most specific allow/deny match wins; see docs/classic.md)")
+    acc.add_argument("--allow", metavar="NET", action="append", type=_network,
+                     help="allow this address or CIDR network (repeatable); once any is "
+                     "given, addresses matching none are refused")
+    acc.add_argument("--deny", metavar="NET", action="append", type=_network,
+                     help="refuse this address or CIDR network (repeatable)")
+    acc.add_argument("--per-source", type=positive_int, metavar="N",
+                     help="concurrent connections from one address (default: no limit)")
+    acc.add_argument("--instances", type=positive_int, metavar="N",
+                     help="concurrent connections in all; more are refused (default: no limit)")
+    acc.add_argument("--cps", type=_rate, metavar="RATE",
+                     help="new connections per second; more are refused (default: no limit)")
+    acc.add_argument("--max-amplification", type=_factor, metavar="X|off",
+                     help="UDP: no reply larger than X times the request plus the service's "
+                     "fixed answer size (default 1.0)")
+    acc.add_argument("--udp-rate", type=_rate, metavar="RATE|off",
+                     help="UDP: datagrams answered per second per source (default 50)")
+    acc.add_argument("--udp-burst", type=positive_int, metavar="N",
+                     help="UDP: burst allowed over --udp-rate (default 100)")
+    acc.add_argument("--drop-source-port", type=_port, metavar="PORT", action="append",
+                     dest="drop_source_ports",
+                     help="UDP: drop datagrams from this source port, besides 7, 13, 17, 19, "
+                     "37 and the server's own UDP ports (repeatable)")
+
+
+def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The service settings given on the command line (config-file keys)."""
+    out: dict[str, Any] = {}
+    for key in SERVICE_KEYS:
+        if key in ("service", "listen"):
+            continue
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = None if value == "off" else value  # --udp-rate off and the like
+    return out
 
 
 def service_config(
     spec: ServiceSpec, args: argparse.Namespace, listen: Sequence[str]
 ) -> ServiceConfig:
     """A :class:`ServiceConfig` for ``spec`` from the command line."""
-    limits = spec.default_limits().updated(
-        idle_timeout=args.timeout,
-        max_line=args.max_line,
-        max_connections=args.max_conns,
-        max_output_buffer=args.max_output,
-        handler_threads=args.threads,
-    )
-    options = SocketOptions().updated(
-        nodelay=args.nodelay, keepalive=args.keepalive, linger=args.linger,
-        rcvbuf=args.rcvbuf, sndbuf=args.sndbuf, backlog=args.backlog,
-        broadcast=args.broadcast, reuse_port=args.reuse_port,
-    )
-    extra: dict[str, Any] = {}
-    if getattr(args, "token", None) is not None:
-        extra["token"] = args.token
-    return ServiceConfig(
-        handler=spec.build(ServiceOptions(limits=limits, **extra)),
-        listen=tuple(parse_endpoint(e) for e in (listen or spec.default_listen)),
-        name=spec.name,
-        limits=limits,
-        options=options,
-    )
+    settings = cli_settings(args)
+    if listen:
+        settings["listen"] = [parse_endpoint(e) for e in listen]
+    return build_service(spec.name, settings)
 
 
 def announce(server: Server) -> None:
@@ -111,9 +184,22 @@ def announce(server: Server) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.service is not None or args.listen or cli_settings(args):
+            raise UsageError(
+                "--config runs the services its file describes: give their listeners "
+                "and options there, not on the command line"
+            )
+        loaded = load_config(args.config)
+        setup_logging(args)
+        grace = args.grace if args.grace is not None else loaded.grace
+        run_services(loaded.services, grace=5.0 if grace is None else grace, on_ready=announce)
+        return EXIT_OK
+    if args.service is None:
+        raise UsageError("name a SERVICE to run, or give --config FILE.toml")
     config = service_config(get_service(args.service), args, args.listen)
     setup_logging(args)
-    run_services([config], grace=args.grace, on_ready=announce)
+    run_services([config], grace=5.0 if args.grace is None else args.grace, on_ready=announce)
     return EXIT_OK
 
 
@@ -128,7 +214,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {spec.name:<10} {spec.try_it:<36} # {spec.summary}")
         print("\nCtrl-C stops everything.", flush=True)
 
-    run_services(configs, grace=args.grace, on_ready=ready)
+    run_services(configs, grace=5.0 if args.grace is None else args.grace, on_ready=ready)
     return EXIT_OK
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._access import AccessPolicy
 from .._config import Limits
 from .._drivers import ProtocolDriver
 
@@ -18,6 +20,13 @@ class ServiceOptions:
     limits: Limits = field(default_factory=Limits)
     token: str = "1"
     clock: Callable[[], float] = time.time
+    # qotd: the quotes to serve (None: the built-in set).
+    quotes: tuple[bytes, ...] | None = None
+    # Random choices (chargen lengths, qotd quotes): injected for tests.
+    random: random.Random = field(default_factory=random.Random)
+    # The access policy the service runs under: UDP services that size
+    # their replies (chargen, qotd) keep within its amplification limit.
+    access: AccessPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class ServiceSpec:
     try_it: str = ""  # a command that talks to it, for the demo
     # Limits that differ from the defaults for this service.
     limits: dict[str, Any] = field(default_factory=dict)
+    # Bytes a UDP reply may exceed the amplification cap by: the fixed size
+    # of the service's answer (time 4, daytime 64, timestamp 27).
+    reply_slack: int = 0
 
     def default_limits(self) -> Limits:
         return Limits().updated(**self.limits)

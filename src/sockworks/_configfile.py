@@ -1,0 +1,342 @@
+"""Service settings from a TOML file (``sockworks serve --config``) or the
+command line, checked in full before anything binds.
+
+The file (see ``docs/classic.md`` and ``examples/inetd.toml``)::
+
+    [server]
+    grace = 5                       # seconds connections get on shutdown
+
+    [defaults]                      # any service key, for every service
+    allow = ["127.0.0.0/8", "::1"]
+
+    [services.echo]                 # a built-in service by name...
+    listen = ["tcp:127.0.0.1:7007", "udp:127.0.0.1:7007"]
+
+    [services.public-echo]          # ...or any name, with `service =`
+    service = "echo"
+    listen = ["tcp:0.0.0.0:7008"]
+    per_source = 4
+
+Every error names the file, the key and the reason
+(``inetd.toml: services.echo.timeout: expected seconds (a number), got 'x'``)
+and is raised as :class:`ConfigError`; nothing is half-configured.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ._access import AccessPolicy, parse_network
+from ._config import SocketOptions
+from ._endpoint import Endpoint, parse_endpoint
+from ._errors import ConfigError, SockworksError
+from ._server import ServiceConfig
+
+Check = Callable[[Any], Any]
+
+
+class _Bad(Exception):
+    """A value of the wrong type or range: the reason, to be located."""
+
+
+def _number(what: str, *, zero: bool = False) -> Check:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _Bad(f"expected {what}, got {v!r}")
+        if v != v or v == float("inf") or v < 0 or (v == 0 and not zero):
+            raise _Bad(f"expected {what}, got {v!r}")
+        return v
+
+    return check
+
+
+def _whole(what: str, *, zero: bool = False, most: int | None = None) -> Check:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not zero):
+            raise _Bad(f"expected {what}, got {v!r}")
+        if most is not None and v > most:
+            raise _Bad(f"expected {what} up to {most}, got {v!r}")
+        return v
+
+    return check
+
+
+def _or_off(check: Check) -> Check:
+    def wrapped(v: Any) -> Any:
+        if v is False or (isinstance(v, str) and v.lower() in ("off", "none")):
+            return None
+        try:
+            return check(v)
+        except _Bad as exc:
+            raise _Bad(f"{exc} (or \"off\")") from None
+
+    return wrapped
+
+
+def _flag(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {v!r}")
+    return v
+
+
+def _text(v: Any) -> Any:
+    if not isinstance(v, str) or not v:
+        raise _Bad(f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _list_of(check: Check, what: str) -> Check:
+    def wrapped(v: Any) -> Any:
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
+            v = [v]  # one item may be written alone
+        if not isinstance(v, list):
+            raise _Bad(f"expected a list of {what}, got {v!r}")
+        return tuple(check(item) for item in v)
+
+    return wrapped
+
+
+def _endpoint(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise _Bad(f"expected an endpoint string such as \"tcp:127.0.0.1:7007\", got {v!r}")
+    try:
+        return parse_endpoint(v)
+    except SockworksError as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _network(v: Any) -> Any:
+    try:
+        parse_network(v)
+    except ConfigError as exc:
+        raise _Bad(str(exc)) from None
+    return v
+
+
+# Every key a service table (or [defaults]) may have, and its check.
+# The names are the CLI's long options with "_" for "-".
+SERVICE_KEYS: dict[str, Check] = {
+    "service": _text,
+    "listen": _list_of(_endpoint, "endpoints"),
+    # limits
+    "timeout": _number("seconds (a number, 0 for none)", zero=True),
+    "max_line": _whole("a positive whole number of bytes"),
+    "max_conns": _whole("a positive whole number"),
+    "max_output": _whole("a positive whole number of bytes"),
+    "max_datagram": _whole("a positive whole number of bytes", most=65535),
+    "threads": _whole("a positive whole number"),
+    # socket options
+    "nodelay": _flag,
+    "keepalive": _flag,
+    "linger": _whole("zero or more seconds", zero=True),
+    "rcvbuf": _whole("a positive whole number of bytes"),
+    "sndbuf": _whole("a positive whole number of bytes"),
+    "backlog": _whole("a positive whole number"),
+    "broadcast": _flag,
+    "reuse_port": _flag,
+    # service options
+    "token": _text,  # greeting
+    "quotes": _text,  # qotd: a file, one quote per paragraph
+    "root": _text,  # gopher
+    "advertise": _text,  # gopher
+    # access control and abuse protection
+    "allow": _list_of(_network, "addresses or CIDR networks"),
+    "deny": _list_of(_network, "addresses or CIDR networks"),
+    "per_source": _or_off(_whole("a positive whole number")),
+    "instances": _or_off(_whole("a positive whole number")),
+    "cps": _or_off(_number("connections per second (a positive number)")),
+    "max_amplification": _or_off(_number("a factor (zero or more)", zero=True)),
+    "udp_rate": _or_off(_number("datagrams per second (a positive number)")),
+    "udp_burst": _whole("a positive whole number"),
+    "drop_source_ports": _list_of(_whole("a port number", most=65535), "port numbers"),
+}
+SERVER_KEYS: dict[str, Check] = {"grace": _number("seconds (a number)", zero=True)}
+TOP_KEYS = ("server", "defaults", "services")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """What a config file describes: the services and the server's settings."""
+
+    services: tuple[ServiceConfig, ...]
+    grace: float | None = None
+
+
+def check_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Checked and converted settings; errors name ``where.key``."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        check = SERVICE_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(SERVICE_KEYS)})")
+        try:
+            out[key] = check(value)
+        except _Bad as exc:
+            raise ConfigError(f"{where}.{key}: {exc}") from None
+    return out
+
+
+def build_service(
+    name: str,
+    settings: Mapping[str, Any],
+    *,
+    where: str = "",
+    base: Path | None = None,
+) -> ServiceConfig:
+    """A :class:`ServiceConfig` for a built-in service from checked settings
+    (see :data:`SERVICE_KEYS`; absent keys keep the defaults). ``where``
+    prefixes errors; ``base`` is the directory relative paths start from."""
+    from .protocols.classic import parse_quotes
+    from .services import SERVICES, ServiceOptions, get_service
+
+    prefix = f"{where}." if where else ""
+    kind = settings.get("service", name)
+    if kind not in SERVICES:
+        key = f"{prefix}service" if "service" in settings else (where or "service")
+        raise ConfigError(
+            f"{key}: unknown service {kind!r} (known: {', '.join(sorted(SERVICES))})"
+        )
+    spec = get_service(kind)
+    s = settings
+
+    def attempt(key: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{key}: {exc}") from None
+
+    limits = spec.default_limits().updated(
+        idle_timeout=s.get("timeout"),
+        max_line=s.get("max_line"),
+        max_connections=s.get("max_conns"),
+        max_output_buffer=s.get("max_output"),
+        handler_threads=s.get("threads"),
+        max_datagram=s.get("max_datagram"),
+    )
+    options = SocketOptions().updated(
+        nodelay=s.get("nodelay"), keepalive=s.get("keepalive"), linger=s.get("linger"),
+        rcvbuf=s.get("rcvbuf"), sndbuf=s.get("sndbuf"), backlog=s.get("backlog"),
+        broadcast=s.get("broadcast"), reuse_port=s.get("reuse_port"),
+    )
+    policy: dict[str, Any] = {"reply_slack": spec.reply_slack}
+    for key in ("per_source", "instances", "cps", "max_amplification", "udp_rate", "udp_burst"):
+        if key in s:
+            policy[key] = s[key]
+    for key in ("allow", "deny"):
+        if s.get(key):
+            policy[key] = tuple(s[key])
+    if "drop_source_ports" in s:
+        policy["drop_source_ports"] = frozenset(s["drop_source_ports"])
+    access = attempt("access", lambda: AccessPolicy(**policy))  # keys checked already
+    extra: dict[str, Any] = {}
+    known = {f.name for f in fields(ServiceOptions)}
+    for key in ("token", "root", "advertise"):
+        if s.get(key) is not None:
+            if key not in known:
+                raise ConfigError(f"{prefix}{key}: not an option of this sockworks")
+            extra[key] = s[key]
+    if s.get("quotes") is not None:
+        path = Path(s["quotes"]).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"{prefix}quotes: cannot read {str(path)!r}: {reason}") from None
+        extra["quotes"] = attempt("quotes", lambda: parse_quotes(text, str(path)))
+    if "listen" in s and not s["listen"]:
+        raise ConfigError(f"{prefix}listen: a service needs at least one endpoint")
+    listen: tuple[Endpoint, ...] = s.get("listen") or tuple(
+        parse_endpoint(e) for e in spec.default_listen
+    )
+    handler = spec.build(ServiceOptions(limits=limits, access=access, **extra))
+    return ServiceConfig(
+        handler=handler, listen=listen, name=name, limits=limits, options=options, access=access
+    )
+
+
+def check_listeners(services: list[tuple[str, ServiceConfig]]) -> None:
+    """Two services on one listener, or a listener a service cannot serve,
+    is an error before anything binds."""
+    from ._drivers import make_driver
+
+    seen: dict[tuple[str, str, int, str], str] = {}
+    for where, config in services:
+        driver = make_driver(config.handler)
+        for endpoint in config.listen:
+            if not driver.supports(endpoint):
+                raise ConfigError(
+                    f"{where}.listen: {config.name} cannot serve {endpoint.transport}"
+                    f" endpoints ({endpoint})"
+                )
+            if not (endpoint.port or endpoint.path):
+                continue  # port 0: the kernel picks a free one each time
+            key = (endpoint.transport, endpoint.host, endpoint.port, endpoint.path)
+            if key in seen:
+                other = seen[key]
+                also = "given twice" if other == where else f"also a listener of {other}"
+                raise ConfigError(f"{where}.listen: {endpoint} is {also}")
+            seen[key] = where
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and check a config file; raise :class:`ConfigError` naming the
+    file, the key and the reason."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason})") from None
+    try:
+        return _load(data, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table ([{key}]), got {value!r}")
+    return value
+
+
+def _load(data: Mapping[str, Any], base: Path) -> LoadedConfig:
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(TOP_KEYS)})")
+    server = _table(data, "server")
+    grace: float | None = None
+    for key, value in server.items():
+        check = SERVER_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"server.{key}: unknown key (known: {', '.join(SERVER_KEYS)})")
+        try:
+            grace = check(value)
+        except _Bad as exc:
+            raise ConfigError(f"server.{key}: {exc}") from None
+    defaults = check_settings(_table(data, "defaults"), "defaults")
+    for key in ("service", "listen"):
+        if key in defaults:
+            raise ConfigError(f"defaults.{key}: belongs in a [services.NAME] table")
+    services = _table(data, "services")
+    if not services:
+        raise ConfigError("services: no service configured (add a [services.NAME] table)")
+    built: list[tuple[str, ServiceConfig]] = []
+    for name, table in services.items():
+        where = f"services.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table ([{where}]), got {table!r}")
+        settings = {**defaults, **check_settings(table, where)}
+        built.append((where, build_service(name, settings, where=where, base=base)))
+    check_listeners(built)
+    return LoadedConfig(tuple(config for _, config in built), grace)
