@@ -206,7 +206,7 @@ def one_line_error(done: subprocess.CompletedProcess[bytes]) -> str:
         (["serve", "echo", "--max-line", "0"], 2, "must be positive"),
         (["serve", "echo", "-l", "tcp:no-such-host.invalid:0"], 1, "cannot resolve"),
         (["serve", "echo", "-l", "tcp:192.0.2.1:0"], 1, "address not available"),
-        (["serve"], 2, "required: SERVICE"),
+        (["serve"], 2, "name a SERVICE to run"),
         ([], 2, "required: COMMAND"),
     ],
 )

@@ -25,7 +25,7 @@ from .._endpoint import Endpoint
 from .._errors import ConnectionClosed, LineTooLong, RemoteProtocolError
 from .._protocol import Peer
 from .._sockets import BoundSocket, format_peer
-from ._common import PEER_GONE, ConnectionStats, describe
+from ._common import PEER_GONE, ConnectionStats, describe, send_datagram
 
 if TYPE_CHECKING:
     from .._server import ConnectionGroup
@@ -297,6 +297,7 @@ class DatagramConnection:
         data: bytes,
         addr: Any,
         transport: asyncio.DatagramTransport,
+        sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
         budget: int | None = None,
     ) -> None:
@@ -304,6 +305,7 @@ class DatagramConnection:
         self._data: bytes | None = data
         self._addr = addr
         self._transport = transport
+        self._sock = sock
         self._loop = loop
         # Bytes the replies to this datagram may add up to (the UDP
         # amplification guard); None: no limit.
@@ -323,7 +325,9 @@ class DatagramConnection:
                     f" ({self._budget} B left)"
                 )
             self._budget -= len(data)
-        self._loop.call_soon_threadsafe(self._transport.sendto, bytes(data), self._addr)
+        self._loop.call_soon_threadsafe(
+            send_datagram, self._transport, self._sock, bytes(data), self._addr
+        )
 
     def send(self, data: bytes) -> int:
         self.sendall(data)
@@ -340,9 +344,12 @@ class DatagramConnection:
 
 
 class _DatagramEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, driver: BlockingDriver, group: ConnectionGroup) -> None:
+    def __init__(
+        self, driver: BlockingDriver, group: ConnectionGroup, sock: socket.socket
+    ) -> None:
         self.driver = driver
         self.group = group
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -368,7 +375,7 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
                 self.group.refused(peer, refused, datagram=True)
                 return
             budget = access.policy.reply_allowance(len(data))
-        conn = DatagramConnection(data, addr, self.transport, self.group.loop, budget)
+        conn = DatagramConnection(data, addr, self.transport, self.sock, self.group.loop, budget)
         pool.submit(lambda: self.driver.run_datagram(conn, self.group))
 
     def error_received(self, exc: Exception) -> None:
@@ -462,7 +469,7 @@ class BlockingDriver:
         self._watchdog = group.loop.call_later(interval, tick)
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> _DatagramEndpoint:
-        endpoint = _DatagramEndpoint(self, group)
+        endpoint = _DatagramEndpoint(self, group, bound.sock)
         task = group.loop.create_task(
             group.loop.create_datagram_endpoint(lambda: endpoint, sock=bound.sock)
         )

@@ -19,7 +19,7 @@ from .._endpoint import Endpoint
 from .._errors import RemoteProtocolError
 from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
 from .._sockets import BoundSocket, format_peer
-from ._common import PEER_GONE, ConnectionStats, describe, report_failed_start
+from ._common import ConnectionStats, describe, report_failed_start, send_datagram
 
 if TYPE_CHECKING:
     from .._server import ConnectionGroup
@@ -28,6 +28,12 @@ StreamFactory = Callable[[], StreamProtocol]
 DatagramFactory = Callable[[], DatagramProtocol]
 
 log = logging.getLogger("sockworks.driver")
+
+# File data read per step: large enough that a 100 MiB file is a few hundred
+# writes, small enough to stay within a few L2-sized copies.
+_FILE_CHUNK = 256 * 1024
+# How long a closing connection may take to flush when no idle timeout is set.
+_CLOSE_TIMEOUT = 60.0
 
 
 class ProtocolDriver:
@@ -55,7 +61,7 @@ class ProtocolDriver:
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> DatagramEndpoint:
         assert self.datagram_factory is not None
-        endpoint = DatagramEndpoint(self.datagram_factory(), group)
+        endpoint = DatagramEndpoint(self.datagram_factory(), group, bound.sock)
         task = group.loop.create_task(
             group.loop.create_datagram_endpoint(lambda: endpoint, sock=bound.sock)
         )
@@ -83,6 +89,7 @@ class StreamConnection(asyncio.Protocol):
         self._time = group.loop.time
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -136,6 +143,9 @@ class StreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.last_active = self._time()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.transport is not None and not self.closing and not self.sending_file:
             self.transport.resume_reading()
         if self.want_writable:
@@ -143,6 +153,9 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
         if self.timer is not None:
             self.timer.cancel()
         if exc is not None:
@@ -216,6 +229,18 @@ class StreamConnection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered, then closes
+            # A peer that stops reading would hold a closing connection
+            # forever: give the flush one idle timeout, then abort.
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.group.loop.call_later(
+                self.idle_timeout or _CLOSE_TIMEOUT, self._abort_unflushed
+            )
+
+    def _abort_unflushed(self) -> None:
+        self.stats.set_reason("peer stopped reading")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _writable(self) -> None:
         if self.closing or not self.want_writable or self.write_paused:
@@ -225,29 +250,49 @@ class StreamConnection(asyncio.Protocol):
         self._run(self.proto.on_writable)
 
     async def _send_file(self, out: Reply) -> None:
+        """Send a file region in chunks, paced by the transport's flow
+        control: at most the write buffer limit plus one chunk is in memory.
+
+        (uvloop has no ``loop.sendfile``; chunks are read with ``pread``
+        from the page cache and written like any other output.)
+        """
         assert out.file is not None and self.transport is not None
         span = out.file
+        transport = self.transport
         try:
             with open(span.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                count = size - span.offset if span.count is None else span.count
-                sent = await self.group.loop.sendfile(self.transport, f, span.offset, count)
-                self.stats.bytes_out += sent
-        except PEER_GONE as exc:
-            self.stats.set_reason(describe(exc))
-            self.closing = True
+                fd = f.fileno()
+                size = os.fstat(fd).st_size
+                offset = span.offset
+                remaining = size - offset if span.count is None else span.count
+                while remaining > 0:
+                    if self.closing:
+                        return
+                    if self.write_paused:
+                        self._drain_waiter = self.group.loop.create_future()
+                        await self._drain_waiter
+                        continue
+                    chunk = os.pread(fd, min(_FILE_CHUNK, remaining), offset)
+                    if not chunk:
+                        break  # the file shrank under us: send what there was
+                    transport.write(chunk)
+                    self.last_active = self._time()
+                    offset += len(chunk)
+                    remaining -= len(chunk)
+                    self.stats.bytes_out += len(chunk)
+        except ConnectionError:  # lost while waiting for the peer to drain
             return
         except OSError as exc:
             self.group.log.warning("%s: cannot send %s: %s", self.stats.peer, span.path, exc)
             self._close(Reply(close=True, reason="file error"))
             return
-        except RuntimeError:  # transport closed under us (abort at shutdown)
-            return
+        finally:
+            self._drain_waiter = None
         self.sending_file = False
         if self.closing:
             return
         if not self.write_paused:
-            self.transport.resume_reading()
+            transport.resume_reading()
         self._finish(out)
         pending, self.pending = self.pending, []
         for reply in pending:
@@ -258,7 +303,7 @@ class StreamConnection(asyncio.Protocol):
         if self.closing:
             return
         deadline = self.last_active + self.idle_timeout
-        if self._time() < deadline or self.sending_file:
+        if self._time() < deadline:
             self.timer = self.group.loop.call_at(
                 max(deadline, self._time() + 0.01), self._check_idle
             )
@@ -282,9 +327,12 @@ class StreamConnection(asyncio.Protocol):
 class DatagramEndpoint(asyncio.DatagramProtocol):
     """One datagram socket: each datagram to the protocol, the reply back."""
 
-    def __init__(self, proto: DatagramProtocol, group: ConnectionGroup) -> None:
+    def __init__(
+        self, proto: DatagramProtocol, group: ConnectionGroup, sock: socket.socket
+    ) -> None:
         self.proto = proto
         self.group = group
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -317,7 +365,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
             if not addr:  # an unbound Unix datagram client has no address
                 self.group.log.debug("cannot reply to an unbound unixgram peer")
                 return
-            self.transport.sendto(reply, addr)
+            send_datagram(self.transport, self.sock, reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         self.group.log.debug("datagram socket error: %s", exc)
