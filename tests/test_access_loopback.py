@@ -223,3 +223,59 @@ def test_refusals_never_stop_the_server(cli) -> None:  # type: ignore[no-untyped
         assert served(ok)
     assert "Traceback" not in server.log
     assert server.stop() == 0
+
+
+# -- the Python API: every driver goes through the same checks --------------------
+
+
+def _serve(handler: object, access: object, *listen: str):  # type: ignore[no-untyped-def]
+    from sockworks import ServiceConfig
+    from sockworks.testing import ServerThread
+
+    return ServerThread(ServiceConfig.create(handler, listen, name="api", access=access))  # type: ignore[arg-type]
+
+
+def test_blocking_datagram_replies_obey_the_guard() -> None:
+    from sockworks._access import AccessPolicy
+
+    def double(conn):  # type: ignore[no-untyped-def]
+        data = conn.recv()
+        conn.sendall(data)
+        conn.sendall(data)  # the second copy would exceed 1.0 x the request
+
+    with _serve(double, AccessPolicy(), "udp:127.0.0.1:0") as srv:
+        ep = srv.endpoint()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(b"abc", (ep.host, ep.port))
+            assert s.recvfrom(100)[0] == b"abc"
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recvfrom(100)
+
+
+def test_blocking_and_async_streams_obey_allow_deny() -> None:
+    from sockworks._access import AccessPolicy
+
+    def blocking(conn):  # type: ignore[no-untyped-def]
+        while data := conn.recv(100):
+            conn.sendall(data)
+
+    async def handler(stream):  # type: ignore[no-untyped-def]
+        while data := await stream.read(100):
+            await stream.write(data)
+
+    for h in (blocking, handler):
+        with _serve(h, AccessPolicy(deny=("127.0.0.2",)), "tcp:127.0.0.1:0") as srv:
+            ep = srv.endpoint()
+            with client("127.0.0.2", ep) as refused:
+                assert not served(refused)
+            with client("127.0.0.3", ep) as ok:
+                assert served(ok)
+
+
+def test_api_default_has_no_checks() -> None:
+    from sockworks.protocols.classic import EchoDatagram
+
+    with _serve(EchoDatagram, None, "udp:127.0.0.1:0") as srv:
+        assert udp("127.0.0.2", srv.endpoint(), b"x" * 10) == b"x" * 10
