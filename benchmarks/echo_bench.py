@@ -115,6 +115,9 @@ class Result:
     p50_us: int
     p99_us: int
     errors: int
+    # Server CPU time (all its threads) per round trip: far less disturbed
+    # than requests/s when other processes share the machine. 0: unknown.
+    cpu_us: float = 0.0
 
 
 # -- tools -------------------------------------------------------------------
@@ -236,18 +239,40 @@ class RunningServer:
 # -- load ----------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process and all its threads."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(
-    tools: Path, port: int, cell: Cell, seconds: float, cpu: int | None
+    tools: Path,
+    port: int,
+    cell: Cell,
+    seconds: float,
+    cpu: int | None,
+    server_pid: int | None = None,
 ) -> Result:
     size, conns = cell
     argv = [str(tools / "echoload"), HOST, str(port), str(conns), str(size), f"{seconds:g}"]
+    before = cpu_seconds(server_pid)
     proc = subprocess.run(
         pinned(cpu, argv), capture_output=True, text=True, timeout=seconds + 30
     )
+    after = cpu_seconds(server_pid)
     match = RESULT.search(proc.stdout)
     if proc.returncode != 0 or match is None:
         raise HarnessError(f"echoload failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
-    return Result(*(int(match.group(k)) for k in ("rps", "p50", "p99", "errors")))
+    result = Result(*(int(match.group(k)) for k in ("rps", "p50", "p99", "errors")))
+    if before is not None and after is not None and result.rps:
+        result.cpu_us = (after - before) / (result.rps * seconds) * 1e6
+    return result
 
 
 # -- reporting -------------------------------------------------------------------
@@ -294,10 +319,18 @@ def report(
             continue
         rps_rows.append([c.name, *(rps_label(got[x].rps) if x in got else "-" for x in cells)])
         p99_rows.append([c.name, *(str(got[x].p99_us) if x in got else "-" for x in cells)])
+    cpu_rows = [
+        [c.name, *(f"{got[x].cpu_us:.1f}" if x in got and got[x].cpu_us else "-" for x in cells)]
+        for c in contenders
+        if (got := results.get(c.name, {}))
+    ]
     out = ["Requests/s (round trips per second; best of the rounds):", "",
            table(header, rps_rows), "",
            "p99 latency, microseconds (from the same run as the requests/s):", "",
-           table(header, p99_rows), ""]
+           table(header, p99_rows), "",
+           "Server CPU time per round trip, microseconds (median of the rounds; lower is"
+           " better):", "",
+           table(header, cpu_rows), ""]
     errors = [
         f"{name} {cell_label(cell)}: {r.errors} connection error(s)"
         for name, got in results.items() for cell, r in got.items() if r.errors
@@ -327,6 +360,23 @@ def report(
         ])
     out += ["Targets (same-run ratios of requests/s, at every load):", "",
             table(["target", *(cell_label(c) for c in cells), "result"], ratio_rows), ""]
+    cpu_ratio_rows = []
+    for t in TARGETS:
+        a, b = results.get(t.contender, {}), results.get(t.baseline, {})
+        ratios = [
+            b[x].cpu_us / a[x].cpu_us if x in a and x in b and a[x].cpu_us and b[x].cpu_us
+            else None
+            for x in cells
+        ]
+        if any(r is not None for r in ratios):
+            cpu_ratio_rows.append([
+                f"{t.contender} vs {t.baseline}",
+                *("-" if r is None else f"{r:.2f}" for r in ratios),
+            ])
+    if cpu_ratio_rows:
+        out += ["The same pairs by CPU efficiency (baseline's CPU per round trip / the"
+                " contender's; a cross-check, not the target):", "",
+                table(["pair", *(cell_label(c) for c in cells)], cpu_ratio_rows), ""]
     ceiling = results.get("c-epoll", {})
     if ceiling:
         rows = []
@@ -451,6 +501,7 @@ def run(args: argparse.Namespace) -> int:
           f"load on CPU {load_cpu}.", flush=True)
 
     results: dict[str, dict[Cell, Result]] = {}
+    cpu_us: dict[str, dict[Cell, list[float]]] = {}
     servers: dict[str, RunningServer] = {}
     with tempfile.TemporaryDirectory(prefix="sockworks-bench-") as tmp:
         tools = Path(tmp)
@@ -476,19 +527,30 @@ def run(args: argparse.Namespace) -> int:
                             failed[name] = "the server exited: " + " / ".join(server.lines[-3:])
                             continue
                         try:
-                            r = run_load(tools, server.port, cell, args.duration, load_cpu)
+                            r = run_load(
+                                tools, server.port, cell, args.duration, load_cpu, server.proc.pid
+                            )
                         except (HarnessError, subprocess.TimeoutExpired) as exc:
                             failed[name] = str(exc).strip().splitlines()[0]
                             continue
                         best = results.setdefault(name, {}).get(cell)
                         if best is None or r.rps > best.rps:
                             results[name][cell] = r
+                        cpus = cpu_us.setdefault(name, {}).setdefault(cell, [])
+                        if r.cpu_us:
+                            cpus.append(r.cpu_us)
                         print(f"  {name:20} {cell_label(cell):12} rps={r.rps:<8} "
-                              f"p99={r.p99_us}us errors={r.errors}", flush=True)
+                              f"p99={r.p99_us}us cpu={r.cpu_us:.1f}us/req errors={r.errors}",
+                              flush=True)
         finally:
             for server in servers.values():
                 server.stop()
 
+    for name, got in results.items():
+        for cell, r in got.items():
+            samples = sorted(cpu_us.get(name, {}).get(cell, []))
+            if samples:
+                r.cpu_us = samples[len(samples) // 2]
     text, all_pass = report(contenders, cells, results, failed)
     print()
     print(text)

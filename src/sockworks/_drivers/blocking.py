@@ -154,7 +154,15 @@ class BlockingConnection:
         self.stats = ConnectionStats(peer)
         self._group = group
         self._reader: io.BufferedReader | None = None
-        self.io_since = 0.0  # monotonic start of the recv/send in progress
+        # Odd while a recv (``_reading``) or a send (``_writing``) is in
+        # progress: bumped before and after each call, two counters so that
+        # a reader thread and a writer thread never share one. Two integer
+        # increments cost less than reading the clock (this is the hot path);
+        # the watchdog notes when it first saw a given state (``_io_seen``).
+        self._reading = 0
+        self._writing = 0
+        self._io_seen = (0, 0)
+        self._io_seen_at = 0.0
         self.timed_out = False
         self._closed = False
 
@@ -163,7 +171,7 @@ class BlockingConnection:
     def recv(self, bufsize: int = 65536) -> bytes:
         if self._reader is not None:
             return self._reader.read1(bufsize)
-        self.io_since = time.monotonic()
+        self._reading += 1
         try:
             data = self.sock.recv(bufsize)
         except OSError:
@@ -171,14 +179,14 @@ class BlockingConnection:
                 raise TimeoutError("idle timeout") from None
             raise
         finally:
-            self.io_since = 0.0
+            self._reading += 1
         if not data and self.timed_out:
             raise TimeoutError("idle timeout")
         self.stats.bytes_in += len(data)
         return data
 
     def _recv_into(self, buffer: Any) -> int:
-        self.io_since = time.monotonic()
+        self._reading += 1
         try:
             n = self.sock.recv_into(buffer)
         except OSError:
@@ -186,14 +194,14 @@ class BlockingConnection:
                 raise TimeoutError("idle timeout") from None
             raise
         finally:
-            self.io_since = 0.0
+            self._reading += 1
         if not n and self.timed_out:
             raise TimeoutError("idle timeout")
         self.stats.bytes_in += n
         return n
 
     def sendall(self, data: bytes) -> None:
-        self.io_since = time.monotonic()
+        self._writing += 1
         try:
             self.sock.sendall(data)
         except OSError:
@@ -201,7 +209,7 @@ class BlockingConnection:
                 raise TimeoutError("idle timeout") from None
             raise
         finally:
-            self.io_since = 0.0
+            self._writing += 1
         self.stats.bytes_out += len(data)
 
     def send(self, data: bytes) -> int:
@@ -278,8 +286,15 @@ class BlockingConnection:
             pass
 
     def check_idle(self, now: float, timeout: float) -> None:
-        since = self.io_since
-        if since and now - since >= timeout and not self.timed_out:
+        io = (self._reading, self._writing)
+        if not (io[0] & 1 or io[1] & 1):
+            return  # not waiting on the peer
+        if io != self._io_seen:
+            # A call we had not seen: it began before ``now``, so counting
+            # from ``now`` never cuts a peer off early.
+            self._io_seen, self._io_seen_at = io, now
+            return
+        if now - self._io_seen_at >= timeout and not self.timed_out:
             self.timed_out = True
             self.stats.set_reason("idle timeout")
             try:
@@ -456,9 +471,11 @@ class BlockingDriver:
         timeout = group.limits.idle_timeout
         if timeout is None or self._watchdog is not None:
             return
-        # Checked at a fraction of the timeout: a peer is cut off between
-        # ``timeout`` and ``timeout * 1.1`` (at most one second late).
-        interval = min(1.0, timeout / 10)
+        # Checked at a fraction of the timeout: a call is first seen at most
+        # one interval after it began and cut off at most one interval after
+        # its deadline, so a peer is cut off between ``timeout`` and
+        # ``timeout * 1.1`` (at most one second late).
+        interval = min(0.5, timeout / 20)
 
         def tick() -> None:
             now = time.monotonic()
