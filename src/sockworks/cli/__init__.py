@@ -13,10 +13,10 @@ from typing import NoReturn
 
 from .. import __version__
 from .._errors import BindError, SockworksError, UsageError
-from . import netcat, serve
+from . import gopher, netcat, serve
 from ._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, Parser, fail
 
-COMMANDS = (serve, netcat)
+COMMANDS = (serve, gopher, netcat)
 
 
 def build_parser() -> Parser:

@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
     service.add_argument("--token", help="greeting: the token that is welcomed (default 1)")
     service.add_argument("--quotes", metavar="FILE",
                          help="qotd: quotes to serve, one per paragraph (default: built-in)")
+    service.add_argument("--root", metavar="DIR",
+                         help="gopher: the directory served (default: the source tree's "
+                         "docs/ when it has a gophermap, else the current directory)")
+    service.add_argument("--advertise", metavar="HOST:PORT",
+                         help="gopher: the host and port written into menus (default: the "
+                         "address the client connected to)")
     add_server_options(serve)
     serve.set_defaults(func=run_serve)
 

@@ -19,6 +19,11 @@ class ServiceOptions:
 
     limits: Limits = field(default_factory=Limits)
     token: str = "1"
+    # gopher: the directory served (None: see services/gopher.py
+    # default_root) and the HOST:PORT written into menus (None: the
+    # address each client connected to).
+    root: str | None = None
+    advertise: str | None = None
     clock: Callable[[], float] = time.time
     # qotd: the quotes to serve (None: the built-in set).
     quotes: tuple[bytes, ...] | None = None

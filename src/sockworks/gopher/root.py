@@ -1,0 +1,71 @@
+"""What the Gopher protocol needs from a file system, as an interface.
+
+The protocol never touches files itself: it asks a :class:`Root` to resolve
+path components and list directories. The real implementation is
+:class:`sockworks.gopher.fsroot.FileSystemRoot`; tests use an in-memory
+one, so the protocol is tested with byte strings alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+class RootError(Exception):
+    """A selector that names nothing servable; ``str()`` is for the client."""
+
+
+class NotFound(RootError):
+    pass
+
+
+class Forbidden(RootError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A servable thing under the root: a directory or a regular file.
+
+    ``parts`` are its path components from the root (its selector is
+    ``/`` + ``/``-joined parts); ``path`` is what the driver opens to send
+    it (the resolved real path for a real root).
+    """
+
+    parts: tuple[str, ...]
+    kind: Literal["dir", "file"]
+    path: str
+    size: int = 0
+    mtime: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1] if self.parts else ""
+
+
+class Root(Protocol):
+    """A tree the server may serve from, and nothing outside it."""
+
+    def resolve(self, parts: tuple[str, ...]) -> Node:
+        """The node at ``parts``; :class:`NotFound` or :class:`Forbidden`
+        when it does not exist, leaves the root, or is neither a directory
+        nor a regular file (devices, sockets, FIFOs)."""
+        ...
+
+    def children(self, node: Node) -> list[Node]:
+        """A directory's servable entries (hidden ones left out), any order."""
+        ...
+
+    def head(self, node: Node, size: int) -> bytes:
+        """The first ``size`` bytes of a file (for sniffing its type)."""
+        ...
+
+    def read(self, node: Node, limit: int) -> bytes:
+        """Up to ``limit`` bytes of a file."""
+        ...
+
+    def chunks(self, node: Node, size: int) -> Iterator[bytes]:
+        """A file's contents in chunks of ``size`` bytes."""
+        ...
