@@ -92,6 +92,10 @@ class StreamProtocol:
     nothing and close when the peer does.
     """
 
+    # The reason logged when the peer resets or vanishes, for protocols
+    # whose sessions normally end that way (chargen); None: "reset by peer".
+    peer_gone_reason: str | None = None
+
     def on_connect(self, peer: Peer) -> Output:
         """A peer connected."""
         return None

@@ -19,7 +19,7 @@ from .._endpoint import Endpoint
 from .._errors import RemoteProtocolError
 from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
 from .._sockets import BoundSocket, format_peer
-from ._common import ConnectionStats, describe, report_failed_start, send_datagram
+from ._common import PEER_GONE, ConnectionStats, describe, report_failed_start, send_datagram
 
 if TYPE_CHECKING:
     from .._server import ConnectionGroup
@@ -159,7 +159,9 @@ class StreamConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if exc is not None:
-            self.stats.set_reason(describe(exc))
+            # Some protocols end normally this way (chargen): they say so.
+            gone = getattr(self.proto, "peer_gone_reason", None)
+            self.stats.set_reason(gone if gone and isinstance(exc, PEER_GONE) else describe(exc))
             log.debug("%s: %r", self.stats.peer, exc)
         self.stats.closed(self.group, self)
 

@@ -104,6 +104,10 @@ class Chargen(StreamProtocol):
     discarded.
     """
 
+    # A client that hangs up with output unread resets the connection:
+    # that is how a chargen session normally ends.
+    peer_gone_reason = "client went away (normal for chargen)"
+
     def __init__(self, chunk: bytes = _CHUNK) -> None:
         self.chunk = chunk
         self.sent = 0
@@ -120,7 +124,7 @@ class Chargen(StreamProtocol):
 
     def on_eof(self) -> Output:
         # The normal end of a chargen session.
-        return Reply(close=True, reason="client went away (normal for chargen)")
+        return Reply(close=True, reason=self.peer_gone_reason)
 
 
 class ChargenDatagram(DatagramProtocol):
