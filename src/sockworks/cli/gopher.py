@@ -211,8 +211,6 @@ def render_menu(items: list[Item]) -> str:
             where = ""
             if item.type == "h" and item.selector.startswith("URL:"):
                 where = f"  <{item.selector[4:]}>"
-            elif item.host and item.type not in ("8", "T"):
-                where = ""
             label = f"[{item.kind}]"
             lines.append(f"{n:>{width}}. {label:8} {item.display}{where}")
     return "\n".join(lines) + "\n"
@@ -397,7 +395,15 @@ class Browser:
                 return
             loc = location_of(links[n - 1])
             name = words[1] if len(words) > 1 else default_name(loc)
-            download(loc, name, timeout=self.timeout)
+            if loc.type in ("0", "1", "7"):
+                data = fetch(loc, timeout=self.timeout)
+                message = error_message(data)
+                if message is not None:
+                    raise ServerError(f"server error: {message}")
+                with open(name, "wb") as f:
+                    f.write(unstuff_text(data) if loc.type == "0" else data)
+            else:
+                download(loc, name, timeout=self.timeout)
             self.say(f"saved to {name}")
             return
         if self.here is None:

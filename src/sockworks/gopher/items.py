@@ -224,7 +224,8 @@ def parse_menu_line(line: bytes) -> Item | None:
         text = line[1:] if line[:1] == b"i" else line
         return Item("i", decode_display(text), "", "", 0)
     fields = line.split(b"\t")
-    type_ = chr(fields[0][0])  # bytes index: an int, never fails on Latin-1
+    # bytes index: an int, never fails on Latin-1; no type at all: info.
+    type_ = chr(fields[0][0]) if fields[0] else "i"
     display = decode_display(fields[0][1:])
     selector = fields[1].decode("utf-8", "surrogateescape") if len(fields) > 1 else ""
     host = fields[2].decode("latin-1").strip() if len(fields) > 2 else ""

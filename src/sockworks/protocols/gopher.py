@@ -169,7 +169,7 @@ class GopherProtocol(StreamProtocol):
 
     def _refuse(self, reason: str) -> Reply:
         self.answered = True
-        return Reply(data=error_menu(reason.capitalize()), close=True, reason=reason)
+        return Reply(data=error_menu(_sentence(reason)), close=True, reason=reason)
 
     def answer(self, line: bytes) -> Reply:
         """The reply to one request line (without CRLF)."""
@@ -180,7 +180,7 @@ class GopherProtocol(StreamProtocol):
             return Reply(data=error_menu(f"Bad selector: {exc.reason}"), close=True,
                          reason=exc.reason)
         except RootError as exc:
-            return Reply(data=error_menu(f"{str(exc).capitalize()}"), close=True,
+            return Reply(data=error_menu(_sentence(str(exc))), close=True,
                          reason=str(exc))
 
     def _answer(self, line: bytes) -> Reply:
@@ -325,6 +325,10 @@ class GopherProtocol(StreamProtocol):
         head = [info(f"{matches} text file(s) match {query!r}" + (" (search cut short)"
                                                              if truncated else ""))]
         return format_menu(head + found)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _match(name: str, data: bytes, words: list[str]) -> str | None:
