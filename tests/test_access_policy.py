@@ -242,3 +242,14 @@ def test_token_bucket_and_log_throttle() -> None:
     assert throttle.check("b") == 0
     clock.now += 1
     assert throttle.check("a") == 2
+
+
+def test_log_throttle_has_a_global_budget() -> None:
+    clock = Clock()
+    throttle = LogThrottle(clock, interval=1.0, rate=2)
+    logged = [throttle.check(f"10.0.0.{i}") for i in range(10)]
+    assert logged[:4] == [0, 0, 0, 0]  # the burst: twice the rate
+    assert logged[4:] == [None] * 6
+    clock.now += 0.5  # one more line allowed, for a source that was held back
+    assert throttle.check("10.0.0.9") == 1
+    assert throttle.check("10.0.0.8") is None

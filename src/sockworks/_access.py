@@ -288,25 +288,35 @@ class AccessControl:
 
 
 class LogThrottle:
-    """At most one line per key and ``interval``: a flood of dropped
-    datagrams costs a line a second, with the count of those not logged."""
+    """At most one line per key and ``interval``, and ``rate`` lines a
+    second in all: a flood of dropped datagrams, even from many forged
+    addresses, costs a few lines a second, each with the count of the
+    similar ones not logged."""
 
-    def __init__(self, clock: Clock, interval: float = 1.0, max_keys: int = 1024) -> None:
+    def __init__(
+        self, clock: Clock, interval: float = 1.0, max_keys: int = 1024, rate: float = 20.0
+    ) -> None:
         self.clock = clock
         self.interval = interval
         self.max_keys = max_keys
         self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._budget = TokenBucket(rate, 2 * rate, clock())
 
     def check(self, key: str) -> int | None:
         """The number suppressed since the last line if one may be logged now."""
         now = self.clock()
         entry = self._seen.get(key)
-        if entry is None or now - entry[0] >= self.interval:
+        due = entry is None or now - entry[0] >= self.interval
+        if due and self._budget.take(now):
             suppressed = entry[1] if entry else 0
             self._seen[key] = (now, 0)
             self._seen.move_to_end(key)
             if len(self._seen) > self.max_keys:
                 self._seen.popitem(last=False)
             return suppressed
+        if entry is None:  # over the global budget: remembered, logged later
+            entry = (now - self.interval, 0)
+            if len(self._seen) >= self.max_keys:
+                self._seen.popitem(last=False)
         self._seen[key] = (entry[0], entry[1] + 1)
         return None
