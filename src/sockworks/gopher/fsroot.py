@@ -73,22 +73,26 @@ class FileSystemRoot:
             name = entry.name
             if name.startswith("."):
                 continue
+            parts = (*node.parts, name)
             try:
                 if entry.is_symlink():
                     real = os.path.realpath(entry.path)
                     if not self._inside(real):
                         continue
                     st = os.stat(real)
-                else:
-                    real = entry.path
-                    st = entry.stat()
+                    if stat.S_ISDIR(st.st_mode):
+                        out.append(Node(parts, "dir", real, 0, st.st_mtime))
+                    elif stat.S_ISREG(st.st_mode):
+                        out.append(Node(parts, "file", real, st.st_size, st.st_mtime))
+                # The type from readdir: no stat per entry for plain files
+                # and directories (a listing does not show sizes). Devices,
+                # sockets and FIFOs are neither, and are left out.
+                elif entry.is_dir(follow_symlinks=False):
+                    out.append(Node(parts, "dir", entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    out.append(Node(parts, "file", entry.path))
             except OSError:
                 continue  # vanished, or a dangling link
-            parts = (*node.parts, name)
-            if stat.S_ISDIR(st.st_mode):
-                out.append(Node(parts, "dir", real, 0, st.st_mtime))
-            elif stat.S_ISREG(st.st_mode):
-                out.append(Node(parts, "file", real, st.st_size, st.st_mtime))
         return out
 
     def head(self, node: Node, size: int) -> bytes:

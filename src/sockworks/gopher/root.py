@@ -9,7 +9,7 @@ one, so the protocol is tested with byte strings alone.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 
@@ -37,12 +37,12 @@ class Node:
     parts: tuple[str, ...]
     kind: Literal["dir", "file"]
     path: str
-    size: int = 0
+    size: int = 0  # set by resolve(); children() may leave it 0
     mtime: float = 0.0
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.parts[-1] if self.parts else ""
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.parts[-1] if self.parts else "")
 
 
 class Root(Protocol):
@@ -55,7 +55,8 @@ class Root(Protocol):
         ...
 
     def children(self, node: Node) -> list[Node]:
-        """A directory's servable entries (hidden ones left out), any order."""
+        """A directory's servable entries (hidden ones left out), any order.
+        Their ``size`` and ``mtime`` may be 0: resolve one to know them."""
         ...
 
     def head(self, node: Node, size: int) -> bytes:

@@ -21,6 +21,7 @@ What is answered:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html import escape
@@ -76,6 +77,31 @@ class GopherSite:
     search: SearchLimits = field(default_factory=SearchLimits)
     description: str = "a sockworks Gopher server"
     version: str = "0"
+    # Menus are kept, keyed by the directory's and its gophermap's mtimes
+    # (and the advertised address), until either changes: a 10,000-entry
+    # listing costs a readdir and 10,000 Python objects, a hit a stat.
+    # Bounded in bytes; the oldest entries go first.
+    cache_bytes: int = 64 << 20
+    _menus: OrderedDict[tuple[object, ...], bytes] = field(default_factory=OrderedDict)
+    _cached: int = 0
+
+    def cached_menu(self, key: tuple[object, ...]) -> bytes | None:
+        menu = self._menus.get(key)
+        if menu is not None:
+            self._menus.move_to_end(key)
+        return menu
+
+    def keep_menu(self, key: tuple[object, ...], menu: bytes) -> None:
+        if len(menu) > self.cache_bytes // 4:
+            return
+        old = self._menus.pop(key, None)
+        if old is not None:
+            self._cached -= len(old)
+        self._menus[key] = menu
+        self._cached += len(menu)
+        while self._cached > self.cache_bytes:
+            _, dropped = self._menus.popitem(last=False)
+            self._cached -= len(dropped)
 
 
 def _caps(site: GopherSite) -> bytes:
@@ -242,19 +268,38 @@ class GopherProtocol(StreamProtocol):
             if c.name != GOPHERMAP and c.name not in hidden and not c.name.startswith(".")
         ]
         children.sort(key=lambda c: (c.name.casefold(), c.name))
-        items = [item for c in children if (item := self._link(c)) is not None]
+        host, port = self.host, self.port
+        items: list[Item] = []
+        for child in children:
+            selector = "/" + "/".join(child.parts)
+            if "\t" in selector or "\n" in selector or "\r" in selector:
+                continue  # a file name with TAB/CR/LF cannot be linked to
+            kind = "1" if child.kind == "dir" else self._type(child)
+            items.append(Item(kind, child.name, selector, host, port))
         if not node.parts:
             items.append(Item("7", "Search the text files here", SEARCH, self.host, self.port))
         return items
 
     def menu(self, node: Node) -> bytes:
         try:
-            gmap_node = self.root.resolve((*node.parts, GOPHERMAP))
+            gmap_node: Node | None = self.root.resolve((*node.parts, GOPHERMAP))
         except RootError:
             gmap_node = None
-        if gmap_node is None or gmap_node.kind != "file":
-            return format_menu(self.listing(node))
-        return format_menu(self.mapped(node, self.root.read(gmap_node, 1 << 20)))
+        if gmap_node is not None and gmap_node.kind != "file":
+            gmap_node = None
+        key: tuple[object, ...] | None = None
+        if node.mtime:  # a root that knows mtimes: cacheable
+            key = (node.parts, node.mtime, gmap_node and gmap_node.mtime, self.host, self.port)
+            cached = self.site.cached_menu(key)
+            if cached is not None:
+                return cached
+        if gmap_node is None:
+            menu = format_menu(self.listing(node))
+        else:
+            menu = format_menu(self.mapped(node, self.root.read(gmap_node, 1 << 20)))
+        if key is not None:
+            self.site.keep_menu(key, menu)
+        return menu
 
     def mapped(self, node: Node, gophermap: bytes) -> list[Item]:
         """A directory's menu from its gophermap (see gopher/gophermap.py)."""

@@ -1,0 +1,298 @@
+"""Gopher benchmark: sockworks against pygopherd and nginx, same machine, same run.
+
+1. One 100 MiB file to 10 concurrent downloaders (10 ``curl`` processes,
+   the same client for every server): aggregate throughput of sockworks
+   (gopher), pygopherd (gopher) and nginx (the same file over HTTP).
+2. The root menu of a 10,000-file directory: requests per second of
+   sockworks and pygopherd, from client threads on keep-nothing
+   connections (one request per connection, as Gopher is).
+
+Run: ``.venv/bin/python benchmarks/gopher_bench.py`` (``--quick`` for a
+smaller run). Needs curl, and nginx for the HTTP baseline (skipped with a
+note when missing; run as root so nginx can write its temp files).
+Everything listens on 127.0.0.1 ports picked by the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MiB = 1 << 20
+
+PYGOPHERD_CONF = """\
+[pygopherd]
+detach = no
+port = {port}
+interface = 127.0.0.1
+servertype = ForkingTCPServer
+tracebacks = no
+mimetypes = /etc/mime.types
+encoding = [['.Z', 'compress'], ['.gz', 'gzip'], ['.bz2', 'bzip2']]
+usechroot = no
+root = {root}
+timeout = 60
+abstract_headers = no
+abstract_entries = never
+
+[logger]
+logmethod = none
+priority = LOG_NOTICE
+facility = LOG_DAEMON
+
+[GopherEntry]
+defaultmimetype = text/plain
+mapping = [['text/html', 'h'], ['text/.+', '0'], ['image/gif', 'g'], ['image/.+', 'I'],
+           ['audio/.+', 's'], ['application/.+', '9'], ['.*', '0']]
+eaexts = {{'.abstract': 'abstract'}}
+
+[handlers.HandlerMultiplexer]
+handlers = [dir.DirHandler, file.FileHandler]
+
+[handlers.dir.DirHandler]
+cachetime = 0
+cachefile = .cache.pygopherd.dir
+ignorepatt = /\\.|~$|/gophermap$
+
+[protocols.ProtocolMultiplexer]
+protocols = [rfc1436.GopherProtocol]
+"""
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {prefix}/error.log error;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def sockworks_server(root: Path) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockworks", "serve", "gopher", "--root", str(root),
+         "-l", "tcp:127.0.0.1:0", "-q", "--max-conns", "4096"],
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    match = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"sockworks did not start: {line}")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    try:
+        yield int(match.group(1))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@contextmanager
+def pygopherd_server(root: Path, work: Path) -> Iterator[int | None]:
+    exe = shutil.which("pygopherd", path=os.path.dirname(sys.executable)) or shutil.which(
+        "pygopherd")
+    if exe is None:
+        print("  (pygopherd is not installed: pip install pygopherd)")
+        yield None
+        return
+    port = free_port()
+    conf = work / "pygopherd.conf"
+    conf.write_text(PYGOPHERD_CONF.format(port=port, root=root))
+    proc = subprocess.Popen([exe, str(conf)], cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(port, proc, "pygopherd")
+    try:
+        yield port
+    finally:
+        # ForkingTCPServer: stop the children too (its own process group).
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+
+
+@contextmanager
+def nginx_server(root: Path, work: Path) -> Iterator[int | None]:
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
+                                    else None)
+    if exe is None:
+        print("  (nginx is not installed: apt-get install nginx)")
+        yield None
+        return
+    prefix = work / "nginx"
+    prefix.mkdir(exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root))
+    proc = subprocess.Popen([exe, "-c", str(conf), "-p", str(prefix)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_port(port, proc, "nginx")
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def parallel_curl(urls: list[str], size: int) -> float:
+    """Aggregate bytes/s for ``urls`` fetched at once, each by its own curl;
+    every download is checked for its full size."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("curl is needed")
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([curl, "-s", "-o", "/dev/null", "-w", "%{size_download}", url],
+                         stdout=subprocess.PIPE)
+        for url in urls
+    ]
+    sizes = [int(p.communicate(timeout=600)[0] or 0) for p in procs]
+    elapsed = time.perf_counter() - start
+    if any(s != size for s in sizes):
+        raise SystemExit(f"incomplete downloads: {sizes}")
+    return size * len(urls) / elapsed
+
+
+def menu_rate(port: int, seconds: float, threads: int) -> tuple[float, int]:
+    """Root menus per second, each on its own connection, for ``seconds``."""
+    counts = [0] * threads
+    sizes = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        buf = bytearray(1 << 20)
+        while time.perf_counter() < stop:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(b"\r\n")
+                total = 0
+                while n := s.recv_into(buf):
+                    total += n
+            counts[i] += 1
+            sizes[i] = total
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start), max(sizes)
+
+
+def best(runs: int, fn: Callable[[], float]) -> float:
+    return max(fn() for _ in range(runs))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 MiB file, 1 s of menus")
+    parser.add_argument("--runs", type=int, default=3, help="best of N (default 3)")
+    args = parser.parse_args()
+    size = (10 if args.quick else 100) * MiB
+    menu_seconds = 1.0 if args.quick else 3.0
+    clients = 10
+
+    with tempfile.TemporaryDirectory(prefix="gopher-bench-") as tmp:
+        work = Path(tmp)
+        files = work / "files"
+        files.mkdir()
+        with open(files / "big.bin", "wb") as f:
+            block = os.urandom(MiB)
+            for _ in range(size // MiB):
+                f.write(block)
+        many = work / "many"
+        many.mkdir()
+        for i in range(10_000):
+            (many / f"file{i:05d}.txt").write_bytes(b"x\n")
+
+        print(f"1. one {size // MiB} MiB file to {clients} concurrent curl downloaders "
+              f"(best of {args.runs})")
+        results: dict[str, float] = {}
+        with sockworks_server(files) as port:
+            url = f"gopher://127.0.0.1:{port}/9/big.bin"
+            results["sockworks"] = best(args.runs, lambda: parallel_curl([url] * clients, size))
+        with pygopherd_server(files, work) as pport:
+            if pport is not None:
+                url = f"gopher://127.0.0.1:{pport}/9/big.bin"
+                results["pygopherd"] = best(args.runs,
+                                            lambda: parallel_curl([url] * clients, size))
+        with nginx_server(files, work) as nport:
+            if nport is not None:
+                url = f"http://127.0.0.1:{nport}/big.bin"
+                results["nginx (HTTP)"] = best(args.runs,
+                                               lambda: parallel_curl([url] * clients, size))
+        for name, rate in results.items():
+            print(f"   {name:<14} {rate / MiB:10.0f} MiB/s")
+        ours = results["sockworks"]
+        if "pygopherd" in results:
+            print(f"   sockworks / pygopherd = {ours / results['pygopherd']:.1f}x (target >= 5)")
+        if "nginx (HTTP)" in results:
+            print(f"   sockworks / nginx     = {ours / results['nginx (HTTP)']:.2f}x "
+                  "(target >= 0.5)")
+
+        print(f"\n2. root menu of a 10,000-file directory, 4 client threads, "
+              f"{menu_seconds:g} s each (best of {args.runs})")
+        rates: dict[str, float] = {}
+        with sockworks_server(many) as port:
+            menu_rate(port, 0.3, 4)  # warm the page cache
+            rates["sockworks"] = best(args.runs, lambda: menu_rate(port, menu_seconds, 4)[0])
+            menu_size = menu_rate(port, 0.2, 1)[1]
+        with pygopherd_server(many, work) as pport:
+            if pport is not None:
+                menu_rate(pport, 0.3, 4)
+                rates["pygopherd"] = best(args.runs,
+                                          lambda: menu_rate(pport, menu_seconds, 4)[0])
+        for name, rate in rates.items():
+            print(f"   {name:<14} {rate:10.1f} menus/s")
+        print(f"   (a menu is {menu_size / 1024:.0f} KiB)")
+        if "pygopherd" in rates:
+            print(f"   sockworks / pygopherd = {rates['sockworks'] / rates['pygopherd']:.1f}x "
+                  "(target >= 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
