@@ -96,7 +96,7 @@ def test_garbage_nul_and_invalid_utf8(cli: type[CLIProcess], service: str) -> No
                 sock.sendall(garbage)
                 sock.shutdown(socket.SHUT_WR)
                 recv_all(sock)
-            except (ConnectionResetError, BrokenPipeError):
+            except OSError:  # reset, broken pipe, or ENOTCONN from shutdown()
                 pass  # the server may close on us mid-send: that is allowed
     # …and it still serves a well-behaved client.
     with connect(endpoint) as sock:
