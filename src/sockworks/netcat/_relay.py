@@ -286,6 +286,10 @@ def _tls_client(sock: socket.socket, endpoint: Endpoint, tls: TLSOptions,
 
 
 def _peer_name(address: object) -> str:
+    if isinstance(address, bytes | str) and address[:1] in (b"\0", "\0"):
+        # A Linux abstract address (an autobound unixgram client): shown as @name.
+        raw = address[1:]
+        return "@" + (raw.decode(errors="replace") if isinstance(raw, bytes) else raw)
     return str(Peer.from_address(address))
 
 
@@ -698,22 +702,22 @@ class _Relay:
         if not self.connecting and address:
             peer = Peer.from_address(address)
             if self.filter and not self.filter.permits(peer.host):
-                self._event(f"refused a datagram from {peer} (--allow/--deny)")
+                self._event(f"refused a datagram from {_peer_name(address)} (--allow/--deny)")
                 return
             if address not in conn.targets:
                 if self.options.keep_open:
                     conn.targets.append(address)
-                    self._event(f"datagrams from {peer}")
+                    self._event(f"datagrams from {_peer_name(address)}")
                 elif not conn.targets:
                     # The first sender is our peer from now on, as with `nc -ul`.
                     try:
                         conn.sock.connect(address)  # type: ignore[arg-type]
                         conn.targets = [None]
-                        conn.peer = str(peer)
+                        conn.peer = _peer_name(address)
                     except OSError:
                         conn.targets = [address]
                     self.accepted = 1
-                    self._event(f"datagrams from {peer}")
+                    self._event(f"datagrams from {_peer_name(address)}")
                     if self.options.interactive and self.hooks.prompt:
                         self.hooks.prompt()
                 else:
@@ -810,12 +814,31 @@ class _Relay:
 
     def _conn_failed(self, conn: _Conn, exc: BaseException) -> None:
         message = describe_error(exc, conn.peer)
+        if conn.handshaking and isinstance(exc, ssl.SSLError):
+            _let_alert_through(conn.sock)
         if self.options.keep_open:
             self._event(message)
             self._close(conn)
             return
         self._close(conn)
         raise NetworkError(message)
+
+
+def _let_alert_through(sock: socket.socket) -> None:
+    """After a failed server handshake, OpenSSL has queued an alert that
+    says why (certificate required, unknown CA). Closing with the client's
+    data unread would send RST and destroy the alert on its way, so the
+    client could only say "connection reset": half-close and drain first."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            if not socket.socket.recv(sock, 65536):
+                break
+    except OSError:
+        pass
 
 
 def scan(

@@ -34,6 +34,7 @@ def client_context(options: TLSOptions) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=options.cafile)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load --cafile {options.cafile}: {_reason(exc)}") from None
+    _half_close_friendly(context)
     if options.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -46,6 +47,7 @@ def server_context(options: TLSOptions) -> ssl.SSLContext:
     if not options.cert:
         raise UsageError("listen --tls needs --cert (and --key unless the cert file holds it)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _half_close_friendly(context)
     _load_chain(context, options)
     if options.require_client_cert:
         if not options.cafile:
@@ -56,6 +58,13 @@ def server_context(options: TLSOptions) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"cannot load --cafile {options.cafile}: {_reason(exc)}") from None
     return context
+
+
+def _half_close_friendly(context: ssl.SSLContext) -> None:
+    # netcat's half-close is a TCP FIN (see docs/netcat.md): OpenSSL 3 would
+    # otherwise treat a FIN without close_notify as a fatal error and refuse
+    # to send the rest of our data after the peer finished sending its own.
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
 def _load_chain(context: ssl.SSLContext, options: TLSOptions) -> None:
@@ -111,6 +120,6 @@ def describe_tls_error(exc: ssl.SSLError, where: str, servername: str | None = N
     if "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
         return f"TLS handshake with {where} failed: the peer rejected the certificate"
     if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:
-        return f"TLS handshake with {where} failed: the peer closed the connection"
+        return f"TLS with {where} failed: the peer closed the connection mid-TLS"
     text = reason.lower().replace("_", " ") if reason else str(exc)
     return f"TLS handshake with {where} failed: {text}"
