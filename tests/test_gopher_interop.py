@@ -179,6 +179,23 @@ def test_attacks_over_the_wire(hole: Path, cli: type[CLIProcess]) -> None:  # no
     assert proc.stop() == 0
 
 
+def test_client_hanging_up_mid_file_leaves_the_server_serving(tmp_path: Path,
+                                                               cli: type[CLIProcess]) -> None:
+    big = os.urandom(1 << 16) * 128  # 8 MiB: sent by sendfile, more than socket buffers hold
+    (tmp_path / "big.bin").write_bytes(big)
+    proc = cli(["serve", "gopher", "--root", str(tmp_path), "-l", "tcp:127.0.0.1:0"])
+    (ep,) = proc.wait_listening(1)
+    for _ in range(3):
+        with connect(ep) as sock:
+            sock.sendall(b"/big.bin\r\n")
+            assert sock.recv(1000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert hashlib.sha256(gopher_request(ep, b"/big.bin\r\n")).digest() == \
+        hashlib.sha256(big).digest()
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.log
+
+
 def test_advertise_sets_menu_host_and_port(tree: Path, cli: type[CLIProcess]) -> None:
     proc = cli(["serve", "gopher", "--root", str(tree), "-l", "tcp:127.0.0.1:0",
                 "--advertise", "gopher.example.org:70"])

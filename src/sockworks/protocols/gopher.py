@@ -276,8 +276,6 @@ class GopherProtocol(StreamProtocol):
                 continue  # a file name with TAB/CR/LF cannot be linked to
             kind = "1" if child.kind == "dir" else self._type(child)
             items.append(Item(kind, child.name, selector, host, port))
-        if not node.parts:
-            items.append(Item("7", "Search the text files here", SEARCH, self.host, self.port))
         return items
 
     def menu(self, node: Node) -> bytes:
@@ -294,7 +292,11 @@ class GopherProtocol(StreamProtocol):
             if cached is not None:
                 return cached
         if gmap_node is None:
-            menu = format_menu(self.listing(node))
+            items = self.listing(node)
+            if not node.parts:  # the root's automatic listing offers search
+                items.append(Item("7", "Search the text files here", SEARCH, self.host,
+                                  self.port))
+            menu = format_menu(items)
         else:
             menu = format_menu(self.mapped(node, self.root.read(gmap_node, 1 << 20)))
         if key is not None:
