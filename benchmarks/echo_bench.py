@@ -4,10 +4,14 @@ Every contender is an echo server started as a subprocess pinned to one core
 (``taskset -c 0``); the C load generator ``echoload`` (compiled on the fly
 from ``shared/bench``) runs pinned to the other core (``taskset -c 1``).
 All servers are started first; then for each load (message size x
-connections) every contender is measured one after the other, so that the
-contenders compared with each other are measured seconds apart on the same
-machine. Only the ratios printed at the end mean anything: this machine is
-shared and noisy.
+connections) every contender is measured one after the other (in reverse
+order every other round), so that the contenders compared with each other
+are measured a second apart on the same machine. This is repeated for
+``--rounds``; the tables give medians, and each target ratio is the median
+over rounds of the ratio measured within one round. Only ratios mean
+anything: these machines are shared and noisy. The server's CPU time per
+round trip (from /proc) is printed too: it is far less disturbed by other
+processes than requests/s, and serves as a cross-check.
 
     python benchmarks/echo_bench.py                  # the full run, a few minutes
     python benchmarks/echo_bench.py --quick          # a smoke run
@@ -120,6 +124,50 @@ class Result:
     cpu_us: float = 0.0
 
 
+# Every measurement: contender -> load -> round -> result.
+Samples = dict[str, dict[Cell, dict[int, Result]]]
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summarise(samples: Samples) -> dict[str, dict[Cell, Result]]:
+    """Per contender and load: the round with the median requests/s (so its
+    p99 comes from the same run), with the median CPU time of the rounds."""
+    out: dict[str, dict[Cell, Result]] = {}
+    for name, cells in samples.items():
+        for cell, by_round in cells.items():
+            runs = sorted(by_round.values(), key=lambda r: r.rps)
+            chosen = dataclasses.replace(runs[(len(runs) - 1) // 2])
+            cpus = [r.cpu_us for r in runs if r.cpu_us]
+            chosen.cpu_us = median(cpus) if cpus else 0.0
+            out.setdefault(name, {})[cell] = chosen
+    return out
+
+
+def paired(
+    samples: Samples, a: str, b: str, cell: Cell, ratio: Callable[[Result, Result], float | None]
+) -> float | None:
+    """The median over rounds of ``ratio(a's run, b's run)``, each pair
+    measured in the same round, seconds apart: noise that comes and goes
+    (another process waking up) cancels out far better than in a ratio of
+    two separate medians."""
+    ra, rb = samples.get(a, {}).get(cell, {}), samples.get(b, {}).get(cell, {})
+    values = [v for r in ra.keys() & rb.keys() if (v := ratio(ra[r], rb[r])) is not None]
+    return median(values) if values else None
+
+
+def rps_ratio(a: Result, b: Result) -> float | None:
+    return a.rps / b.rps if b.rps else None
+
+
+def cpu_ratio(a: Result, b: Result) -> float | None:
+    return b.cpu_us / a.cpu_us if a.cpu_us and b.cpu_us else None
+
+
 # -- tools -------------------------------------------------------------------
 
 
@@ -160,8 +208,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# ``nice -n N`` before every server and load process (--nice); empty: none.
+PRIORITY: list[str] = []
+
+
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+    return [*PRIORITY, *(argv if cpu is None else ["taskset", "-c", str(cpu), *argv])]
 
 
 # -- servers -----------------------------------------------------------------
@@ -308,9 +360,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def report(
     contenders: Sequence[Contender],
     cells: Sequence[Cell],
-    results: dict[str, dict[Cell, Result]],
+    samples: Samples,
     failed: dict[str, str],
 ) -> tuple[str, bool]:
+    results = summarise(samples)
     header = ["contender", *(cell_label(c) for c in cells)]
     rps_rows, p99_rows = [], []
     for c in contenders:
@@ -324,7 +377,7 @@ def report(
         for c in contenders
         if (got := results.get(c.name, {}))
     ]
-    out = ["Requests/s (round trips per second; best of the rounds):", "",
+    out = ["Requests/s (round trips per second; median of the rounds):", "",
            table(header, rps_rows), "",
            "p99 latency, microseconds (from the same run as the requests/s):", "",
            table(header, p99_rows), "",
@@ -343,8 +396,7 @@ def report(
     ratio_rows = []
     all_pass = True
     for t in TARGETS:
-        a, b = results.get(t.contender, {}), results.get(t.baseline, {})
-        ratios = [a[x].rps / b[x].rps if x in a and x in b and b[x].rps else None for x in cells]
+        ratios = [paired(samples, t.contender, t.baseline, x, rps_ratio) for x in cells]
         measured = [r for r in ratios if r is not None]
         if not measured:
             verdict = "n/a"
@@ -358,16 +410,12 @@ def report(
             *("-" if r is None else f"{r:.2f}" for r in ratios),
             verdict,
         ])
-    out += ["Targets (same-run ratios of requests/s, at every load):", "",
+    out += ["Targets (ratios of requests/s at every load: the median over rounds of the"
+            " ratio within each round):", "",
             table(["target", *(cell_label(c) for c in cells), "result"], ratio_rows), ""]
     cpu_ratio_rows = []
     for t in TARGETS:
-        a, b = results.get(t.contender, {}), results.get(t.baseline, {})
-        ratios = [
-            b[x].cpu_us / a[x].cpu_us if x in a and x in b and a[x].cpu_us and b[x].cpu_us
-            else None
-            for x in cells
-        ]
+        ratios = [paired(samples, t.contender, t.baseline, x, cpu_ratio) for x in cells]
         if any(r is not None for r in ratios):
             cpu_ratio_rows.append([
                 f"{t.contender} vs {t.baseline}",
@@ -377,17 +425,13 @@ def report(
         out += ["The same pairs by CPU efficiency (baseline's CPU per round trip / the"
                 " contender's; a cross-check, not the target):", "",
                 table(["pair", *(cell_label(c) for c in cells)], cpu_ratio_rows), ""]
-    ceiling = results.get("c-epoll", {})
-    if ceiling:
+    if results.get("c-epoll"):
         rows = []
         for c in contenders:
-            got = results.get(c.name, {})
-            if c.name == "c-epoll" or not got:
+            if c.name == "c-epoll" or not results.get(c.name):
                 continue
-            rows.append([c.name, *(
-                f"{got[x].rps / ceiling[x].rps:.2f}" if x in got and x in ceiling
-                and ceiling[x].rps else "-" for x in cells
-            )])
+            fractions = [paired(samples, c.name, "c-epoll", x, rps_ratio) for x in cells]
+            rows.append([c.name, *("-" if f is None else f"{f:.2f}" for f in fractions)])
         out += ["Fraction of the C epoll ceiling:", "", table(header, rows), ""]
     return "\n".join(out), all_pass
 
@@ -438,14 +482,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", help="comma-separated contenders to leave out")
     p.add_argument("--sizes", default="100,1k,64k", help="message sizes (default 100,1k,64k)")
     p.add_argument("--conns", default="10,100", help="connection counts (default 10,100)")
-    p.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, keep the best")
+    p.add_argument("--duration", type=float, default=0.6, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="measure every contender this many times, interleaved; report medians")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per contender")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 100 B, 10 connections, 0.3 s, no warm-up")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument("--nice", type=int, default=0,
+                   help="run servers and load at this nice value (negative needs root):"
+                   " shields the measurement from other work on a shared machine")
     p.add_argument("--bench-src", help="directory with echoload.c and epoll_echo.c")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -487,6 +535,8 @@ def run(args: argparse.Namespace) -> int:
     server_cpu, load_cpu = (args.server_cpu, args.load_cpu) if pin else (None, None)
     if not pin:
         print("note: not pinning (no taskset, one CPU, or --no-pin)", file=sys.stderr)
+    if args.nice:
+        PRIORITY[:] = ["nice", "-n", str(args.nice)]
     failed: dict[str, str] = {}
     for c in contenders:
         why = c.missing()
@@ -498,10 +548,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {machine_summary()}")
     print(f"{len(runnable)} contenders x {len(cells)} loads x {args.rounds} round(s) of "
           f"{args.duration:g} s; about {estimate:.0f} s. Server on CPU {server_cpu}, "
-          f"load on CPU {load_cpu}.", flush=True)
+          f"load on CPU {load_cpu}; nice {args.nice}.", flush=True)
 
-    results: dict[str, dict[Cell, Result]] = {}
-    cpu_us: dict[str, dict[Cell, list[float]]] = {}
+    samples: Samples = {}
     servers: dict[str, RunningServer] = {}
     with tempfile.TemporaryDirectory(prefix="sockworks-bench-") as tmp:
         tools = Path(tmp)
@@ -518,9 +567,12 @@ def run(args: argparse.Namespace) -> int:
                 servers[c.name] = server
                 if args.warmup > 0:
                     run_load(tools, server.port, (100, 10), args.warmup, load_cpu)
-            for _round in range(args.rounds):
+            for round_no in range(args.rounds):
                 for cell in cells:
-                    for name, server in servers.items():
+                    # Every other round in reverse order: a drift in the
+                    # machine's load favours no one.
+                    order = list(servers.items())
+                    for name, server in order if round_no % 2 == 0 else reversed(order):
                         if name in failed:
                             continue
                         if not server.alive():
@@ -533,12 +585,7 @@ def run(args: argparse.Namespace) -> int:
                         except (HarnessError, subprocess.TimeoutExpired) as exc:
                             failed[name] = str(exc).strip().splitlines()[0]
                             continue
-                        best = results.setdefault(name, {}).get(cell)
-                        if best is None or r.rps > best.rps:
-                            results[name][cell] = r
-                        cpus = cpu_us.setdefault(name, {}).setdefault(cell, [])
-                        if r.cpu_us:
-                            cpus.append(r.cpu_us)
+                        samples.setdefault(name, {}).setdefault(cell, {})[round_no] = r
                         print(f"  {name:20} {cell_label(cell):12} rps={r.rps:<8} "
                               f"p99={r.p99_us}us cpu={r.cpu_us:.1f}us/req errors={r.errors}",
                               flush=True)
@@ -546,12 +593,7 @@ def run(args: argparse.Namespace) -> int:
             for server in servers.values():
                 server.stop()
 
-    for name, got in results.items():
-        for cell, r in got.items():
-            samples = sorted(cpu_us.get(name, {}).get(cell, []))
-            if samples:
-                r.cpu_us = samples[len(samples) // 2]
-    text, all_pass = report(contenders, cells, results, failed)
+    text, all_pass = report(contenders, cells, samples, failed)
     print()
     print(text)
     if args.json:
@@ -562,7 +604,14 @@ def run(args: argparse.Namespace) -> int:
             "rounds": args.rounds,
             "results": {
                 name: {cell_label(cell): dataclasses.asdict(r) for cell, r in got.items()}
-                for name, got in results.items()
+                for name, got in summarise(samples).items()
+            },
+            "rounds_detail": {
+                name: {
+                    cell_label(cell): [dataclasses.asdict(by_round[k]) for k in sorted(by_round)]
+                    for cell, by_round in got.items()
+                }
+                for name, got in samples.items()
             },
             "failed": failed,
         }, indent=2))
