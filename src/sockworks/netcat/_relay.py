@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._config import SocketOptions
 from .._endpoint import Endpoint, parse_endpoint
@@ -29,7 +30,7 @@ from .._errors import SockworksError, UsageError
 from .._protocol import Peer
 from .._sockets import apply_options, bind
 from ._text import AddressFilter, CrlfTranslator, hexdump, parse_source
-from ._tls import TLSOptions, client_context, describe_tls_error, server_context
+from ._tls import TLSOptions, TLSStream, client_context, describe_tls_error, server_context
 
 # Large enough that a 1 GiB transfer is ~4000 trips round the loop, so
 # Python's per-chunk cost vanishes next to the kernel's copying; small
@@ -130,9 +131,10 @@ class _Conn:
     __slots__ = ("addr", "closed", "dgram", "eof", "handshaking", "last", "out", "peer",
                  "shut", "sock", "targets", "tls", "want")
 
-    def __init__(self, sock: socket.socket, peer: str, *, dgram: bool = False,
+    def __init__(self, sock: socket.socket | TLSStream, peer: str, *, dgram: bool = False,
                  tls: bool = False, handshaking: bool = False) -> None:
-        self.sock = sock
+        # A socket, or a TLSStream offering the same few methods.
+        self.sock: Any = sock
         self.peer = peer
         self.dgram = dgram
         self.tls = tls
@@ -267,22 +269,23 @@ def _prepare(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions,
 
 
 def _tls_client(sock: socket.socket, endpoint: Endpoint, tls: TLSOptions,
-                timeout: float | None) -> ssl.SSLSocket:
+                timeout: float | None) -> TLSStream:
     context = client_context(tls)
     name = tls.servername or (endpoint.host if endpoint.is_inet else None)
     if not context.check_hostname:
         name = tls.servername or (endpoint.host if endpoint.is_inet and
                                   not _is_literal(endpoint.host) else None)
+    stream = TLSStream(sock, context, server_side=False, server_hostname=name)
     try:
-        sock.settimeout(timeout)
-        tsock = context.wrap_socket(sock, server_hostname=name)
+        stream.handshake(timeout)
     except ssl.SSLError as exc:
-        sock.close()
+        stream.abort()
+        stream.close()
         raise NetworkError(describe_tls_error(exc, str(endpoint), name)) from None
     except OSError as exc:
-        sock.close()
+        stream.close()
         raise NetworkError(describe_error(exc, str(endpoint))) from None
-    return tsock
+    return stream
 
 
 def _peer_name(address: object) -> str:
@@ -326,10 +329,11 @@ def connect(
     if options.tls is not None:
         client_context(options.tls)  # a bad --cafile is a usage error, before connecting
     sock = _client_socket(ep, options)
-    if options.tls is not None:
-        sock = _tls_client(sock, ep, options.tls, options.connect_timeout)
     sock.setblocking(False)
-    conn = _Conn(sock, str(ep), dgram=not ep.is_stream, tls=options.tls is not None)
+    stream: socket.socket | TLSStream = sock
+    if options.tls is not None:
+        stream = _tls_client(sock, ep, options.tls, options.connect_timeout)
+    conn = _Conn(stream, str(ep), dgram=not ep.is_stream, tls=options.tls is not None)
     if conn.dgram:
         conn.targets = [None]
     relay = _Relay(options, hooks or Hooks(), stdin, stdout, listener=None, connecting=True)
@@ -448,8 +452,8 @@ class _Relay:
         self.conns.append(conn)
         if self.options.interactive and not conn.handshaking and self.hooks.prompt:
             self.hooks.prompt()
-        if self.stdin_eof and not conn.handshaking:
-            self._shutdown_write(conn)
+        if self.stdin_eof and not conn.handshaking and not self.options.recv_only:
+            self._shutdown_write(conn)  # nothing to send: say so at once
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:
@@ -466,7 +470,8 @@ class _Relay:
             not c.dgram or c.targets)]
 
     def _stdin_done(self) -> bool:
-        return self.stdin_eof and all(c.out is None for c in self.conns)
+        return self.stdin_eof and all(
+            c.out is None and not (c.tls and c.sock.has_output) for c in self.conns)
 
     def _finished(self) -> bool:
         if self.done:
@@ -529,7 +534,7 @@ class _Relay:
                 mask = conn.want
             else:
                 mask = 0 if conn.eof else selectors.EVENT_READ
-                if conn.out is not None:
+                if conn.out is not None or (conn.tls and conn.sock.has_output):
                     mask |= selectors.EVENT_WRITE
             self._set_mask(conn, conn.sock, mask)
 
@@ -621,17 +626,26 @@ class _Relay:
                 self._shutdown_write(conn)
 
     def _shutdown_write(self, conn: _Conn) -> None:
-        if conn.shut or conn.dgram or conn.closed or not self.options.shutdown:
+        if (conn.shut or conn.dgram or conn.closed or not self.options.shutdown
+                or self.options.recv_only):
             return
         conn.shut = True
         try:
-            # socket.socket.shutdown, not SSLSocket.shutdown: the latter
-            # drops the TLS state and we still have to read the reply.
-            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+            if conn.tls:
+                conn.sock.half_close()  # close_notify, then FIN
+            else:
+                conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # already gone; the read side will say how
 
     def _flush(self, conn: _Conn) -> None:
+        if conn.out is None:
+            if conn.tls:
+                try:
+                    conn.sock.flush()
+                except OSError as exc:
+                    self._conn_failed(conn, exc)
+            return
         view = conn.out
         send = conn.sock.send
         try:
@@ -657,7 +671,7 @@ class _Relay:
                     if target is None:
                         conn.sock.send(data)
                     else:
-                        conn.sock.sendto(data, target)  # type: ignore[call-overload]
+                        conn.sock.sendto(data, target)
                     break
                 except BlockingIOError:
                     select.select([], [conn.sock], [], 1.0)  # a full send buffer: rare
@@ -681,8 +695,6 @@ class _Relay:
                     address = None
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
-            except ssl.SSLEOFError:
-                n, address = 0, None  # EOF without close_notify: still EOF
             except OSError as exc:
                 if conn.dgram and not self.connecting and exc.errno == errno.ECONNREFUSED:
                     return  # our last datagram's peer is gone; keep listening
@@ -695,7 +707,7 @@ class _Relay:
                 return
             else:
                 self._deliver(conn, self.rview[:n], None)
-            if not (conn.tls and sock.pending()):  # type: ignore[attr-defined]
+            if not (conn.tls and sock.pending()):
                 return
 
     def _got_datagram(self, conn: _Conn, n: int, address: object) -> None:
@@ -711,7 +723,7 @@ class _Relay:
                 elif not conn.targets:
                     # The first sender is our peer from now on, as with `nc -ul`.
                     try:
-                        conn.sock.connect(address)  # type: ignore[arg-type]
+                        conn.sock.connect(address)
                         conn.targets = [None]
                         conn.peer = _peer_name(address)
                     except OSError:
@@ -788,8 +800,7 @@ class _Relay:
         except OSError:
             pass
         if self.context is not None:
-            tsock = self.context.wrap_socket(sock, server_side=True,
-                                             do_handshake_on_connect=False)
+            tsock = TLSStream(sock, self.context, server_side=True)
             conn = _Conn(tsock, str(peer), tls=True, handshaking=True)
             self.conns.append(conn)
             self._handshake(conn)
@@ -798,7 +809,7 @@ class _Relay:
 
     def _handshake(self, conn: _Conn) -> None:
         try:
-            conn.sock.do_handshake()  # type: ignore[attr-defined]
+            conn.sock.do_handshake()
         except ssl.SSLWantReadError:
             conn.want = selectors.EVENT_READ
             return
@@ -814,31 +825,14 @@ class _Relay:
 
     def _conn_failed(self, conn: _Conn, exc: BaseException) -> None:
         message = describe_error(exc, conn.peer)
-        if conn.handshaking and isinstance(exc, ssl.SSLError):
-            _let_alert_through(conn.sock)
+        if conn.tls and isinstance(exc, ssl.SSLError):
+            conn.sock.abort()
         if self.options.keep_open:
             self._event(message)
             self._close(conn)
             return
         self._close(conn)
         raise NetworkError(message)
-
-
-def _let_alert_through(sock: socket.socket) -> None:
-    """After a failed server handshake, OpenSSL has queued an alert that
-    says why (certificate required, unknown CA). Closing with the client's
-    data unread would send RST and destroy the alert on its way, so the
-    client could only say "connection reset": half-close and drain first."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-        deadline = time.monotonic() + 1.0
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([sock], [], [], left)[0]:
-                break
-            if not socket.socket.recv(sock, 65536):
-                break
-    except OSError:
-        pass
 
 
 def scan(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import select
+import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from .._errors import UsageError
@@ -123,3 +126,160 @@ def describe_tls_error(exc: ssl.SSLError, where: str, servername: str | None = N
         return f"TLS with {where} failed: the peer closed the connection mid-TLS"
     text = reason.lower().replace("_", " ") if reason else str(exc)
     return f"TLS handshake with {where} failed: {text}"
+
+
+class TLSStream:
+    """TLS over a non-blocking socket, through memory BIOs.
+
+    Why not :class:`ssl.SSLSocket`: netcat half-closes (stdin EOF → "no
+    more from me", then keep reading). In TLS that is a close_notify alert.
+    ``SSLSocket`` can only send one through ``unwrap()``, which also reads
+    the socket looking for the peer's close_notify and fails the whole
+    connection if application data arrives instead; and a bare TCP FIN
+    without close_notify is a fatal "unexpected EOF" to OpenSSL 3 peers
+    (ncat, socat) still sending. With memory BIOs we send close_notify, then
+    keep reading with ``SSL_read``, which TLS allows.
+
+    It offers the few socket methods the relay uses: ``fileno``, ``send``,
+    ``recv_into``, ``pending``, ``do_handshake``, ``close``.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self._raw = bytearray()  # encrypted, not yet accepted by the kernel
+        self._eof_in = False
+        self._closing = False
+        self._fin_sent = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._raw) or self._out.pending > 0 or (self._closing and not self._fin_sent)
+
+    def flush(self) -> bool:
+        """Send what is encrypted; True when nothing is left."""
+        if self._out.pending:
+            self._raw += self._out.read()
+        while self._raw:
+            try:
+                sent = self.sock.send(self._raw)
+            except BlockingIOError:
+                return False
+            del self._raw[:sent]
+        if self._closing and not self._fin_sent:
+            self._fin_sent = True
+            try:
+                # After close_notify, the FIN: for peers that read the raw socket.
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        return True
+
+    def _fill(self) -> bool:
+        """Move what the kernel has into the TLS object; False if nothing."""
+        if self._eof_in:
+            return False
+        try:
+            data = self.sock.recv(256 * 1024)
+        except BlockingIOError:
+            return False
+        if data:
+            self._in.write(data)
+        else:
+            self._eof_in = True
+            self._in.write_eof()
+        return True
+
+    def do_handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                flushed = self.flush()
+                if self._fill():
+                    continue
+                if not flushed:
+                    raise ssl.SSLWantWriteError("want write") from None
+                raise
+            self.flush()
+            return
+
+    def handshake(self, timeout: float | None) -> None:
+        """The client's handshake, waiting at most ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                readable, writable = [self.sock], []
+            except ssl.SSLWantWriteError:
+                readable, writable = [], [self.sock]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("TLS handshake timed out")
+            if not any(select.select(readable, writable, [], left)[:2]):
+                raise TimeoutError("TLS handshake timed out")
+        while self._raw or self._out.pending:
+            if not self.flush():
+                select.select([], [self.sock], [], 1.0)
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        while True:
+            try:
+                return int(self.obj.read(len(buffer), buffer))
+            except ssl.SSLWantReadError:
+                self.flush()  # post-handshake messages (tickets, key updates)
+                if not self._fill():
+                    raise
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0  # close_notify, or a bare FIN: both mean "no more"
+
+    def send(self, data: bytes | memoryview) -> int:
+        if (self._raw or self._out.pending) and not self.flush():
+            raise BlockingIOError("TLS output backlog")
+        written = self.obj.write(data)
+        self.flush()
+        return written
+
+    def pending(self) -> int:
+        return self.obj.pending() + self._in.pending
+
+    def half_close(self) -> None:
+        """close_notify (then a FIN): the peer sees EOF; we keep reading."""
+        self._closing = True
+        try:
+            self.obj.unwrap()
+        except ssl.SSLError:
+            pass  # SSLWantReadError: sent ours, theirs has not come (and need not)
+        self.flush()
+
+    def abort(self) -> None:
+        """After a failed handshake: let the alert that says why reach the
+        peer (closing with its data unread would send RST and destroy it)."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(bytes(self._raw) + self._out.read())
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._raw or self._out.pending:
+            try:
+                self.sock.settimeout(1.0)
+                self.sock.sendall(bytes(self._raw) + self._out.read())
+            except OSError:
+                pass
+        self.sock.close()
