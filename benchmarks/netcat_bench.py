@@ -122,6 +122,10 @@ def main() -> None:
               f"peak RSS client {r.client_rss_mib:.1f} MiB, listener {r.listener_rss_mib:.1f} MiB)")
     print(f"ratio sockworks/socat: {rates['sockworks'] / rates['socat']:.2f} "
           f"(best of {args.rounds})")
+    small = sockworks_pair(16 << 20)
+    print(f"flat memory: sockworks peak RSS for 16 MiB: client {small.client_rss_mib:.1f} MiB, "
+          f"listener {small.listener_rss_mib:.1f} MiB; for {args.size} MiB: "
+          f"{best['sockworks'].client_rss_mib:.1f} / {best['sockworks'].listener_rss_mib:.1f} MiB")
 
 
 if __name__ == "__main__":
