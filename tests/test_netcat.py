@@ -1,14 +1,15 @@
 """`sockworks connect` and `sockworks listen` against each other and small
-in-test servers: every transport, binary data, half-close, TLS, errors and
-their exit codes, --zero, interactive mode on a pty, and the options."""
+in-test servers: every transport, binary data, half-close, errors and their
+exit codes, --zero, interactive mode on a pty, and the options. TLS is in
+test_netcat_tls.py, real peers in test_netcat_interop.py."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import pty
 import select
+import signal
 import socket
 import struct
 import threading
@@ -17,9 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 from _netcat_helpers import SOCKWORKS, Procs, digest, free_port, payload
 from conftest import has_ipv6, run_cli
+
+from sockworks.cli import main
 
 MIB = 1 << 20
 
@@ -118,112 +120,33 @@ def test_no_shutdown_keeps_write_side_open(procs: Procs) -> None:
     server.close()
 
 
-# -- TLS -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    files = {"ca": d / "ca.pem", "other_ca": d / "other-ca.pem"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
-    certs = {
-        "good": ca.issue_cert("localhost", "127.0.0.1"),
-        "wrong_host": ca.issue_cert("elsewhere.test"),
-        "expired": ca.issue_cert("localhost", "127.0.0.1",
-                                 not_after=datetime.datetime(2020, 1, 1)),
-        "unknown_ca": other_ca.issue_cert("localhost", "127.0.0.1"),
-        "client": ca.issue_cert("client.test"),
-    }
-    for name, cert in certs.items():
-        files[name] = d / f"{name}.pem"
-        cert.private_key_and_cert_chain_pem.write_to_path(str(files[name]))
-    return {k: str(v) for k, v in files.items()}
-
-
-def tls_listener(procs: Procs, cert: str, *extra: str) -> tuple[Procs, str]:
-    listener = procs.sockworks("listen", "--tls", "--cert", cert, *extra, "tcp:127.0.0.1:0",
-                               name="listen", stdin=b"from server\n")
-    return procs, listener.endpoint()
-
-
-def test_tls_good_certificate(procs: Procs, pki: dict[str, str]) -> None:
-    data = payload(MIB)
-    listener = procs.sockworks("listen", "--tls", "--cert", pki["good"], "tcp:127.0.0.1:0",
-                               name="listen", stdin=b"from server\n")
-    client = procs.sockworks("connect", "--tls", "--cafile", pki["ca"], listener.endpoint(),
-                             name="connect", stdin=data)
-    assert client.wait() == 0, client.err
-    assert listener.wait() == 0, listener.err
-    assert client.out == b"from server\n"
-    assert digest(listener.out) == digest(data)
-
-
-@pytest.mark.parametrize(("cert", "args", "message"), [
-    ("wrong_host", [], "certificate is not valid for host '127.0.0.1'"),
-    ("expired", [], "certificate has expired"),
-    ("unknown_ca", [], "unknown CA"),
-    ("good", ["--no-cafile"], "unknown CA"),  # the system store does not know the test CA
-])
-def test_tls_failures_are_one_line(procs: Procs, pki: dict[str, str], cert: str,
-                                   args: list[str], message: str) -> None:
-    listener = procs.sockworks("listen", "--tls", "--cert", pki[cert], "tcp:127.0.0.1:0",
-                               name="listen")
-    cafile = [] if args == ["--no-cafile"] else ["--cafile", pki["ca"]]
-    client = procs.sockworks("connect", "--tls", *cafile, listener.endpoint(), name="connect",
-                             stdin=b"secret")
-    assert client.wait() == 1
-    lines = client.err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "TLS" in lines[0], client.err
-    assert "Traceback" not in client.err + listener.err
-    assert listener.wait() == 1  # the listener says why too, in one line
-    assert listener.out == b""
-
-
-def test_tls_insecure_skips_verification(procs: Procs, pki: dict[str, str]) -> None:
-    listener = procs.sockworks("listen", "--tls", "--cert", pki["unknown_ca"],
-                               "tcp:127.0.0.1:0", name="listen", stdin=b"pong\n")
-    client = procs.sockworks("connect", "--tls", "--insecure", listener.endpoint(),
-                             name="connect", stdin=b"ping\n")
-    assert client.wait() == 0, client.err
-    assert client.out == b"pong\n"
-    assert listener.wait() == 0
-    assert listener.out == b"ping\n"
-
-
-def test_tls_servername(procs: Procs, pki: dict[str, str]) -> None:
-    listener = procs.sockworks("listen", "--tls", "--cert", pki["wrong_host"],
-                               "tcp:127.0.0.1:0", name="listen", stdin=b"ok\n")
-    client = procs.sockworks("connect", "--tls", "--cafile", pki["ca"], "--servername",
-                             "elsewhere.test", listener.endpoint(), name="connect")
-    assert client.wait() == 0, client.err
-    assert client.out == b"ok\n"
-
-
-def test_tls_client_certificate(procs: Procs, pki: dict[str, str]) -> None:
-    need = ["--require-client-cert", "--cafile", pki["ca"]]
-    listener = procs.sockworks("listen", "--tls", "--cert", pki["good"], *need,
-                               "tcp:127.0.0.1:0", name="listen")
-    client = procs.sockworks("connect", "--tls", "--cafile", pki["ca"], listener.endpoint(),
-                             name="anonymous", stdin=b"hi")
-    assert client.wait() == 1
-    assert "client certificate is required" in client.err, client.err
-    assert listener.wait() == 1
-    listener = procs.sockworks("listen", "--tls", "--cert", pki["good"], *need,
-                               "tcp:127.0.0.1:0", name="listen2", stdin=b"welcome\n")
-    client = procs.sockworks("connect", "--tls", "--cafile", pki["ca"], "--cert",
-                             pki["client"], listener.endpoint(), name="known", stdin=b"hi")
-    assert client.wait() == 0, client.err
-    assert client.out == b"welcome\n"
-    assert listener.wait() == 0 and listener.out == b"hi"
-
-
 # -- errors and exit codes ------------------------------------------------------
 
 
 def one_error_line(result: object, status: int, fragment: str) -> None:
     code, err = result.returncode, result.stderr.decode()  # type: ignore[attr-defined]
+    assert code == status, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``sockworks ARGS`` run in this process (fast: no interpreter start),
+    for errors raised before any stdin is read."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code, capsys.readouterr().err
+
+
+def one_line(capsys: pytest.CaptureFixture[str], status: int, fragment: str, *args: str) -> None:
+    code, err = in_process(capsys, *args)
     assert code == status, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -241,17 +164,15 @@ def test_udp_refused() -> None:
                    "connection refused")
 
 
-def test_host_not_found() -> None:
-    one_error_line(run_cli("connect", "no-such-host.invalid:80", input=b""), 1,
-                   "host not found")
+def test_host_not_found(capsys: pytest.CaptureFixture[str]) -> None:
+    one_line(capsys, 1, "host not found", "connect", "no-such-host.invalid:80")
 
 
-def test_no_unix_socket(tmp_path: Path) -> None:
-    one_error_line(run_cli("connect", f"unix:{tmp_path}/none.sock", input=b""), 1,
-                   "no socket at")
+def test_no_unix_socket(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    one_line(capsys, 1, "no socket at", "connect", f"unix:{tmp_path}/none.sock")
 
 
-def test_connect_timeout() -> None:
+def test_connect_timeout(capsys: pytest.CaptureFixture[str]) -> None:
     # A listener whose accept queue is full drops new SYNs: the connect hangs.
     with socket.socket() as full:
         full.bind(("127.0.0.1", 0))
@@ -264,8 +185,7 @@ def test_connect_timeout() -> None:
             s.connect_ex(("127.0.0.1", port))
             fillers.append(s)
         try:
-            one_error_line(run_cli("connect", "--timeout", "0.3", f"127.0.0.1:{port}",
-                                   input=b""), 1, "timed out")
+            one_line(capsys, 1, "timed out", "connect", "--timeout", "0.3", f"127.0.0.1:{port}")
         finally:
             for s in fillers:
                 s.close()
@@ -298,10 +218,10 @@ def test_reset() -> None:
                        "connection reset")
 
 
-def test_port_in_use() -> None:
+def test_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        one_error_line(run_cli("listen", f"tcp:127.0.0.1:{port}"), 1, "already in use")
+        one_line(capsys, 1, "already in use", "listen", f"tcp:127.0.0.1:{port}")
 
 
 @pytest.mark.parametrize("args", [
@@ -318,17 +238,23 @@ def test_port_in_use() -> None:
     ["listen", "sctp:127.0.0.1:1"],
     ["connect"],
 ])
-def test_usage_errors_exit_2(args: list[str]) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr.decode()
-    assert len(result.stderr.decode().strip().splitlines()) == 1, result.stderr
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    code, err = in_process(capsys, *args)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_usage_error_as_a_user_sees_it() -> None:
+    result = run_cli("connect", "--send-only", "--recv-only", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("sockworks: error: --send-only and --recv-only")
 
 
 # -- --zero --------------------------------------------------------------------
 
 
-def test_zero_reports_open_ports_without_sending() -> None:
+def test_zero_reports_open_ports_without_sending(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as a, socket.create_server(("127.0.0.1", 0)) as b:
         open_ports = sorted([a.getsockname()[1], b.getsockname()[1]])
         closed = free_port()
@@ -342,7 +268,7 @@ def test_zero_reports_open_ports_without_sending() -> None:
             conn.settimeout(5)
             assert conn.recv(10) == b""  # connected, sent nothing, closed
             conn.close()
-    one_error_line(run_cli("connect", "-z", f"127.0.0.1:{closed}"), 1, "no open TCP port")
+    one_line(capsys, 1, "no open TCP port", "connect", "-z", f"127.0.0.1:{closed}")
 
 
 # -- interactive mode on a terminal ----------------------------------------------
@@ -513,7 +439,8 @@ def test_send_only_and_recv_only(procs: Procs) -> None:
     assert listener.wait() == 0 and listener.out == b""
 
 
-def test_source_family_and_socket_options(procs: Procs) -> None:
+def test_source_family_and_socket_options(procs: Procs,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     listener = procs.sockworks("listen", "-v", "-4", "tcp:localhost:0", name="l", stdin=b"x")
     source_port = free_port()
     client = procs.sockworks(
@@ -523,7 +450,7 @@ def test_source_family_and_socket_options(procs: Procs) -> None:
     assert client.out == b"x"
     assert listener.wait() == 0 and listener.out == b"y"
     assert f"connection from 127.0.0.1:{source_port}" in listener.err
-    one_error_line(run_cli("connect", "-4", "tcp:[::1]:9"), 1, "no IPv4 address")
+    one_line(capsys, 1, "no IPv4 address", "connect", "-4", "tcp:[::1]:9")
 
 
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 on this machine")
