@@ -196,6 +196,22 @@ def test_client_hanging_up_mid_file_leaves_the_server_serving(tmp_path: Path,
     assert "Traceback" not in proc.log
 
 
+def test_stalled_reader_mid_sendfile_is_cut_off_and_shutdown_ends(
+        tmp_path: Path, cli: type[CLIProcess]) -> None:
+    (tmp_path / "big.bin").write_bytes(b"\x00" * (32 << 20))
+    proc = cli(["serve", "gopher", "--root", str(tmp_path), "-l", "tcp:127.0.0.1:0",
+                "--timeout", "0.3", "--grace", "0.3"])
+    (ep,) = proc.wait_listening(1)
+    with connect(ep) as stalled:  # asks, then never reads: cut off by the idle timeout
+        stalled.sendall(b"/big.bin\r\n")
+        proc.wait_for(r"closed after .*\(peer stopped reading\)", timeout=30)
+    second = connect(ep)
+    second.sendall(b"/big.bin\r\n")
+    assert second.recv(10)  # mid-transfer, not reading, when the server is told to stop
+    assert proc.stop() == 0
+    second.close()
+
+
 def test_advertise_sets_menu_host_and_port(tree: Path, cli: type[CLIProcess]) -> None:
     proc = cli(["serve", "gopher", "--root", str(tree), "-l", "tcp:127.0.0.1:0",
                 "--advertise", "gopher.example.org:70"])
@@ -247,7 +263,9 @@ def test_client_saves_binaries_by_name_and_with_o(server: Endpoint, tmp_path: Pa
     assert b"saved %d bytes to data.bin" % len(BINARY) + b"" in res.stderr
     res = client(f"{server.host}:{server.port}", "/data.bin", "-o", str(tmp_path / "x"))
     assert (tmp_path / "x").read_bytes() == BINARY
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "x"]
+    client(url(server, "0/about.txt"), "-o", str(tmp_path / "t.txt"))
+    assert (tmp_path / "t.txt").read_bytes().startswith(b"About this hole\n.a line")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "t.txt", "x"]
 
 
 def test_client_errors_one_line_each(server: Endpoint, tmp_path: Path) -> None:
@@ -268,6 +286,32 @@ def test_client_errors_one_line_each(server: Endpoint, tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
     usage = client_process("http://example.org/")
     assert usage.returncode == 2 and usage.stderr.count(b"\n") == 1
+
+
+def test_client_timeout_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # accepts (in the backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        res = client(f"127.0.0.1:{port}", "--timeout", "0.2")
+    assert res.returncode == 1
+    expected = f"sockworks: error: timed out after 0.2 s waiting for 127.0.0.1:{port}\n"
+    assert res.stderr == expected.encode()
+
+
+def test_latin1_file_names_round_trip(tmp_path: Path, cli: type[CLIProcess]) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 name\n")
+    proc = cli(["serve", "gopher", "--root", str(root), "-l", "tcp:127.0.0.1:0"])
+    (ep,) = proc.wait_listening(1)
+    menu = gopher_request(ep, b"\r\n")
+    assert menu.startswith(b"0caf\xe9.txt\t/caf\xe9.txt\t")
+    assert gopher_request(ep, b"/caf\xe9.txt\r\n") == b"latin-1 name\r\n.\r\n"
+    shown = client(f"{ep.host}:{ep.port}").stdout.decode()
+    assert "[text]   café.txt" in shown
+    assert client(f"{ep.host}:{ep.port}", "/caf\udce9.txt").stdout == b"latin-1 name\n"
+    assert proc.stop() == 0
 
 
 def test_broken_download_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
         return EXIT_OK
     if kind is not None and kind not in SHOWN:
         return save(loc, args.output or default_name(loc), timeout)
-    if args.output not in (None, "-") and kind not in ("1", "7", None):
+    if args.output not in (None, "-") and kind not in ("0", "1", "7", None):
         return save(loc, args.output, timeout)
     data = fetch(loc, timeout=timeout, limit=SNIFF_LIMIT if kind is None else None)
     message = error_message(data)
@@ -121,8 +121,7 @@ def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
     else:
         body = data
     if args.output not in (None, "-"):
-        with open(args.output, "wb") as f:
-            f.write(body)
+        write_file(args.output, body)
         return EXIT_OK
     if kind not in SHOWN and args.output is None and sys.stdout.isatty():
         return save_bytes(data, default_name(loc))
@@ -130,9 +129,21 @@ def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
     return EXIT_OK
 
 
+def write_file(name: str, data: bytes) -> None:
+    """Write ``data`` to ``name`` through a temporary file and a rename:
+    never a partial file under the final name."""
+    temp = f"{name}.part-{os.getpid()}"
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, name)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
 def save_bytes(data: bytes, name: str) -> int:
-    with open(name, "wb") as f:
-        f.write(data)
+    write_file(name, data)
     sys.stderr.write(f"sockworks: saved {len(data)} bytes to {name}\n")
     return EXIT_OK
 
@@ -400,8 +411,7 @@ class Browser:
                 message = error_message(data)
                 if message is not None:
                     raise ServerError(f"server error: {message}")
-                with open(name, "wb") as f:
-                    f.write(unstuff_text(data) if loc.type == "0" else data)
+                write_file(name, unstuff_text(data) if loc.type == "0" else data)
             else:
                 download(loc, name, timeout=self.timeout)
             self.say(f"saved to {name}")
@@ -410,6 +420,5 @@ class Browser:
             return
         name = rest or default_name(self.here)
         data = self.data if self.here.type in ("1", "7") else unstuff_text(self.data)
-        with open(name, "wb") as f:
-            f.write(data)
+        write_file(name, data)
         self.say(f"saved to {os.path.abspath(name)}")

@@ -26,8 +26,12 @@ class Location:
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
         type_ = self.type or "1"
-        path = "" if not self.selector and type_ == "1" else type_ + quote(self.selector, safe="/")
-        query = "" if self.query is None else "%09" + quote(self.query, safe="")
+        # Selectors keep a server's undecodable bytes as surrogate escapes:
+        # they go back to those bytes, percent-encoded.
+        selector = self.selector.encode("utf-8", "surrogateescape")
+        path = "" if not selector and type_ == "1" else type_ + quote(selector, safe="/")
+        query = "" if self.query is None else "%09" + quote(
+            self.query.encode("utf-8", "surrogateescape"), safe="")
         return f"gopher://{host}{port}/{path}{query}"
 
 
