@@ -190,8 +190,20 @@ def info(text: str) -> Item:
 
 
 def format_menu(items: Iterable[Item]) -> bytes:
-    """Menu lines followed by the ``.`` terminator."""
-    return b"".join(item.to_bytes() for item in items) + TERMINATOR
+    """Menu lines followed by the ``.`` terminator (the same lines as
+    :meth:`Item.to_bytes`, built in one piece: menus can be 10,000 lines)."""
+    lines: list[str] = []
+    for item in items:
+        display = item.display
+        if not display.isprintable():  # C-speed test; the regex only when needed
+            display = sanitize(display)
+        line = f"{item.type}{display}\t{item.selector}\t{item.host}\t{item.port}"
+        if item.extra:
+            line += "\t" + "\t".join(item.extra)
+        lines.append(line)
+    if not lines:
+        return TERMINATOR
+    return encode("\r\n".join(lines)) + CRLF + TERMINATOR
 
 
 def error_menu(message: str) -> bytes:
