@@ -75,7 +75,14 @@ class FileSystemRoot:
                 continue
             parts = (*node.parts, name)
             try:
-                if entry.is_symlink():
+                # The type from readdir: no stat per entry for plain files
+                # and directories (a listing does not show sizes). Devices,
+                # sockets and FIFOs are neither, and are left out.
+                if entry.is_file(follow_symlinks=False):
+                    out.append(Node(parts, "file", entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    out.append(Node(parts, "dir", entry.path))
+                elif entry.is_symlink():
                     real = os.path.realpath(entry.path)
                     if not self._inside(real):
                         continue
@@ -84,13 +91,6 @@ class FileSystemRoot:
                         out.append(Node(parts, "dir", real, 0, st.st_mtime))
                     elif stat.S_ISREG(st.st_mode):
                         out.append(Node(parts, "file", real, st.st_size, st.st_mtime))
-                # The type from readdir: no stat per entry for plain files
-                # and directories (a listing does not show sizes). Devices,
-                # sockets and FIFOs are neither, and are left out.
-                elif entry.is_dir(follow_symlinks=False):
-                    out.append(Node(parts, "dir", entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    out.append(Node(parts, "file", entry.path))
             except OSError:
                 continue  # vanished, or a dangling link
         return out

@@ -25,7 +25,7 @@ class Forbidden(RootError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Node:
     """A servable thing under the root: a directory or a regular file.
 
@@ -42,7 +42,7 @@ class Node:
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "name", self.parts[-1] if self.parts else "")
+        self.name = self.parts[-1] if self.parts else ""
 
 
 class Root(Protocol):
