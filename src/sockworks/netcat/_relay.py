@@ -493,6 +493,9 @@ class _Relay:
 
     def run(self) -> None:
         try:
+            for conn in list(self.conns):
+                if conn.tls and conn.sock.pending():  # came with the handshake
+                    self._read_conn(conn)
             while not self._finished():
                 self._update_interest()
                 events = self.sel.select(self._timeout())
@@ -822,6 +825,8 @@ class _Relay:
         conn.handshaking = False
         self.conns.remove(conn)
         self.add(conn)
+        if conn.sock.pending():  # data that came with the handshake's last flight
+            self._read_conn(conn)
 
     def _conn_failed(self, conn: _Conn, exc: BaseException) -> None:
         message = describe_error(exc, conn.peer)

@@ -154,6 +154,7 @@ class TLSStream:
         self._raw = bytearray()  # encrypted, not yet accepted by the kernel
         self._eof_in = False
         self._closing = False
+        self._notified = False
         self._fin_sent = False
 
     def fileno(self) -> int:
@@ -161,7 +162,8 @@ class TLSStream:
 
     @property
     def has_output(self) -> bool:
-        return bool(self._raw) or self._out.pending > 0 or (self._closing and not self._fin_sent)
+        return bool(self._raw) or self._out.pending > 0 or (
+            self._notified and not self._fin_sent)
 
     def flush(self) -> bool:
         """Send what is encrypted; True when nothing is left."""
@@ -173,7 +175,7 @@ class TLSStream:
             except BlockingIOError:
                 return False
             del self._raw[:sent]
-        if self._closing and not self._fin_sent:
+        if self._notified and not self._fin_sent:
             self._fin_sent = True
             try:
                 # After close_notify, the FIN: for peers that read the raw socket.
@@ -237,8 +239,9 @@ class TLSStream:
             try:
                 return int(self.obj.read(len(buffer), buffer))
             except ssl.SSLWantReadError:
-                self.flush()  # post-handshake messages (tickets, key updates)
                 if not self._fill():
+                    self._close_notify()  # if one is due: now nothing is unread
+                    self.flush()  # post-handshake messages (tickets, key updates)
                     raise
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0  # close_notify, or a bare FIN: both mean "no more"
@@ -256,11 +259,21 @@ class TLSStream:
     def half_close(self) -> None:
         """close_notify (then a FIN): the peer sees EOF; we keep reading."""
         self._closing = True
+        self._close_notify()
+        self.flush()
+
+    def _close_notify(self) -> None:
+        # unwrap() sends our close_notify, then looks for the peer's in what
+        # has arrived: application data there would be a fatal error, so it
+        # waits until everything received has been read (recv_into calls
+        # again when it has drained the input).
+        if not self._closing or self._notified or self._in.pending or self.obj.pending():
+            return
+        self._notified = True
         try:
             self.obj.unwrap()
         except ssl.SSLError:
-            pass  # SSLWantReadError: sent ours, theirs has not come (and need not)
-        self.flush()
+            pass  # SSLWantReadError: ours is sent, theirs has not come (and need not)
 
     def abort(self) -> None:
         """After a failed handshake: let the alert that says why reach the
