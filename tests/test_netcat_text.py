@@ -1,12 +1,19 @@
-"""The netcat tool's pure helpers, with byte strings alone: no sockets."""
+"""The netcat tool's pure helpers, with byte strings alone (no sockets), and
+the Python API in-process."""
 
 from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockworks import UsageError
+from sockworks import Endpoint, UsageError, netcat
 from sockworks.netcat import (
     AddressFilter,
     CrlfTranslator,
@@ -110,3 +117,50 @@ def test_address_filter() -> None:
     assert not AddressFilter()
     with pytest.raises(UsageError):
         AddressFilter.parse(allow=["nonsense"])
+
+
+# -- the Python API, in-process (these two use loopback sockets) ----------------
+
+
+def test_api_connect_and_listen_in_process(tmp_path: Path) -> None:
+    endpoints: queue.Queue[Endpoint] = queue.Queue()
+    received = tmp_path / "received"
+    reply = bytes(range(256)) * 4
+    out_fd = os.open(received, os.O_WRONLY | os.O_CREAT)
+    reply_r, reply_w = os.pipe()
+    os.write(reply_w, reply)
+    os.close(reply_w)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            netcat.listen("tcp:127.0.0.1:0", stdin=reply_r, stdout=out_fd,
+                          hooks=netcat.Hooks(listening=endpoints.put))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    endpoint = endpoints.get(timeout=10)
+    data_r, data_w = os.pipe()
+    os.write(data_w, b"to the listener\n")
+    os.close(data_w)
+    got = tmp_path / "got"
+    got_fd = os.open(got, os.O_WRONLY | os.O_CREAT)
+    netcat.connect(endpoint, netcat.NetcatOptions(connect_timeout=5), stdin=data_r, stdout=got_fd)
+    server.join(10)
+    for fd in (out_fd, got_fd, reply_r, data_r):
+        os.close(fd)
+    assert not errors and not server.is_alive()
+    assert got.read_bytes() == reply
+    assert received.read_bytes() == b"to the listener\n"
+
+
+def test_api_errors_and_scan() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as open_one:
+        port = open_one.getsockname()[1]
+        assert netcat.scan("127.0.0.1", [port], timeout=2) == [port]
+    with pytest.raises(netcat.NetworkError, match="connection refused"):
+        netcat.connect(f"tcp:127.0.0.1:{port}", stdin=None)
+    with pytest.raises(UsageError):
+        netcat.connect("udp:127.0.0.1:9", netcat.NetcatOptions(tls=netcat.TLSOptions()))
