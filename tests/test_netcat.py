@@ -480,3 +480,9 @@ def test_stdout_closed_early_is_not_an_error(procs: Procs, tmp_path: Path) -> No
         timeout=20)
     assert pipeline.stdout.strip() == b"0", pipeline.stderr
     assert b"Traceback" not in pipeline.stderr
+
+
+def test_listen_timeout_waiting_for_a_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = in_process(capsys, "listen", "--timeout", "0.2", "tcp:127.0.0.1:0")
+    assert code == 1
+    assert err.splitlines()[-1] == "sockworks: error: no peer within 0.2 s (--timeout)", err

@@ -73,7 +73,9 @@ def _common_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
     flow.add_argument("--hex", action="store_true",
                       help="hex dump of both directions on stderr ('>' sent, '<' received)")
     flow.add_argument("--timeout", "-w", type=seconds, metavar="SECONDS",
-                      help="give up connecting (and the TLS handshake) after this long")
+                      help="listen: give up when no peer comes within this long" if listening
+                      else "give up connecting (and the TLS handshake) after this long; "
+                      "--zero: per probe (default 1)")
     flow.add_argument("--idle-timeout", "-i", type=seconds, metavar="SECONDS",
                       help="give up when nothing moves for this long")
     flow.add_argument("--wait", type=seconds, default=2.0, metavar="SECONDS",

@@ -418,7 +418,7 @@ class _Relay:
         self.crlf = CrlfTranslator() if options.crlf else None
         self.stdin_eof = stdin is None or options.recv_only
         self.stdin_eof_at = time.monotonic()
-        self.last = time.monotonic()
+        self.last = self.started = time.monotonic()
         self.tx = 0
         self.rx = 0
         self.prompt_due: float | None = None
@@ -552,12 +552,21 @@ class _Relay:
                 deadlines.append(self.last + idle)
         if self.prompt_due is not None:
             deadlines.append(self.prompt_due)
+        accept_by = self._accept_deadline()
+        if accept_by is not None:
+            deadlines.append(accept_by)
         linger = self._linger_deadline()
         if linger is not None:
             deadlines.append(linger)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
+
+    def _accept_deadline(self) -> float | None:
+        """listen --timeout: how long to wait for the first peer."""
+        if self.connecting or self.accepted or self.options.connect_timeout is None:
+            return None
+        return self.started + self.options.connect_timeout
 
     def _linger_deadline(self) -> float | None:
         if not (self.connecting and self.stdin_eof and self.conns and self.conns[0].dgram):
@@ -568,6 +577,9 @@ class _Relay:
 
     def _timers(self) -> None:
         now = time.monotonic()
+        accept_by = self._accept_deadline()
+        if accept_by is not None and now >= accept_by:
+            raise NetworkError(f"no peer within {self.options.connect_timeout:g} s (--timeout)")
         if self.prompt_due is not None and now >= self.prompt_due:
             self.prompt_due = None
             if self.hooks.prompt:
@@ -722,6 +734,7 @@ class _Relay:
             if address not in conn.targets:
                 if self.options.keep_open:
                     conn.targets.append(address)
+                    self.accepted += 1
                     self._event(f"datagrams from {_peer_name(address)}")
                 elif not conn.targets:
                     # The first sender is our peer from now on, as with `nc -ul`.
