@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "gopher", help="a Gopher client: fetch, save and browse",
         description="Fetch a Gopher item: menus are shown numbered, text printed, binaries "
-        "saved. TARGET is a gopher:// URL (RFC 4266, %%09 before a search query) or a HOST "
+        "saved. URL-or-HOST is a gopher:// URL (RFC 4266, %09 before a search query) or a HOST "
         "(HOST:PORT), optionally followed by a SELECTOR as in seed 004's client; "
         "a host alone fetches its root menu.",
     )
