@@ -486,3 +486,14 @@ def test_listen_timeout_waiting_for_a_peer(capsys: pytest.CaptureFixture[str]) -
     code, err = in_process(capsys, "listen", "--timeout", "0.2", "tcp:127.0.0.1:0")
     assert code == 1
     assert err.splitlines()[-1] == "sockworks: error: no peer within 0.2 s (--timeout)", err
+
+
+def test_closed_stdin_and_stdout_are_not_mistaken_for_the_socket(procs: Procs) -> None:
+    import subprocess
+
+    listener = procs.sockworks("listen", "tcp:127.0.0.1:0", stdin=b"to a closed stdout")
+    command = " ".join([*SOCKWORKS, "connect", listener.endpoint()])
+    result = subprocess.run(f"{command} <&- >&-", shell=True, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert listener.wait() == 0 and listener.out == b""

@@ -16,6 +16,7 @@ from ..netcat import (
     NetcatOptions,
     TLSOptions,
     connect,
+    describe_error,
     listen,
     scan,
     split_host_ports,
@@ -176,6 +177,19 @@ def _hooks(args: argparse.Namespace) -> Hooks:
     )
 
 
+def _std_fds_open() -> None:
+    """Started with stdin/stdout closed (`<&-`): put /dev/null there, or the
+    socket would get fd 0 or 1 and be mistaken for them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def _stop_on_sigterm() -> None:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -188,28 +202,35 @@ def run_connect(args: argparse.Namespace) -> int:
         return _run_zero(args)
     endpoint = parse_endpoint(args.endpoint)
     options = _options(args, listening=False)
+    _std_fds_open()
     _stop_on_sigterm()
     try:
         connect(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the safety net: one line, never a traceback
+        return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
     return EXIT_OK
 
 
 def run_listen(args: argparse.Namespace) -> int:
     endpoint = parse_endpoint(args.endpoint)
     options = _options(args, listening=True)
+    _std_fds_open()
     _stop_on_sigterm()
     try:
         listen(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the safety net: one line, never a traceback
+        return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
     return EXIT_OK
 
 
 def _run_zero(args: argparse.Namespace) -> int:
     host, ports = split_host_ports(args.endpoint)
     timeout = args.timeout or 1.0
+    _std_fds_open()
     _stop_on_sigterm()
     try:
         found = scan(host, ports, timeout=timeout, concurrency=args.concurrency,

@@ -401,6 +401,15 @@ class _Relay:
                  connecting: bool = False) -> None:
         self.options = options
         self.hooks = hooks
+        try:
+            if stdin is not None:
+                os.fstat(stdin)
+        except OSError:
+            stdin = None  # a closed stdin: nothing to send
+        try:
+            os.fstat(stdout)
+        except OSError:
+            raise UsageError(f"stdout (fd {stdout}) is not open") from None
         self.stdin = stdin
         self.stdout = stdout
         self.listener = listener
@@ -784,6 +793,10 @@ class _Relay:
                     select.select([], [fd], [])
         except (BrokenPipeError, ConnectionResetError):
             raise _StdoutClosed() from None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:  # started with stdout closed: nowhere to print
+                raise _StdoutClosed() from None
+            raise
 
     def _peer_closed(self, conn: _Conn) -> None:
         conn.eof = True
