@@ -497,3 +497,21 @@ def test_closed_stdin_and_stdout_are_not_mistaken_for_the_socket(procs: Procs) -
     assert result.returncode == 0, result.stderr
     assert b"Traceback" not in result.stderr
     assert listener.wait() == 0 and listener.out == b""
+
+
+def test_interactive_udp_a_datagram_per_line_even_from_a_pipe() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def bracket() -> None:
+            for _ in range(3):
+                data, addr = server.recvfrom(1024)
+                server.sendto(b"[" + data + b"]", addr)
+
+        threading.Thread(target=bracket, daemon=True).start()
+        result = run_cli("connect", "--interactive", "--wait", "0.5", f"udp:127.0.0.1:{port}",
+                         input=b"a\nbb\r\nccc\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().splitlines() == [
+            f"127.0.0.1:{port}: [{w}]" for w in ("a", "bb", "ccc")]

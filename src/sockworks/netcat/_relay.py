@@ -626,9 +626,21 @@ class _Relay:
         self.last = now
         data: memoryview = view[:n]
         if self.options.interactive and dgram:
-            data = memoryview(bytes(data).rstrip(b"\r\n"))
-        if self.crlf is not None:
-            data = memoryview(self.crlf.feed(data))
+            # A datagram per line, without its line end (as the seeds' UDP
+            # client sends it), however many lines one read brought.
+            lines = bytes(data).split(b"\n")
+            if len(lines) > 1 and not lines[-1]:
+                lines.pop()
+            for line in lines:
+                self._send_chunk(memoryview(line.rstrip(b"\r")), now)
+        else:
+            if self.crlf is not None:
+                data = memoryview(self.crlf.feed(data))
+            self._send_chunk(data, now)
+        if self.options.interactive:
+            self.prompt_due = now + 0.5
+
+    def _send_chunk(self, data: memoryview, now: float) -> None:
         if self.hooks.hexdump:
             self.hooks.hexdump(hexdump(data, self.tx, ">"))
         self.tx += len(data)
@@ -639,8 +651,6 @@ class _Relay:
             else:
                 conn.out = data
                 self._flush(conn)
-        if self.options.interactive:
-            self.prompt_due = now + 0.5
 
     def _stdin_ended(self) -> None:
         self.stdin_eof = True
