@@ -17,6 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from sockworks.cli import main
+
 SOCKWORKS = [sys.executable, "-m", "sockworks"]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,3 +169,25 @@ def _bound(transport: str, where: int | str) -> bool:
             if fields[1].endswith(suffix) and fields[3] == state:
                 return True
     return False
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``sockworks ARGS`` run in this process (fast: no interpreter start),
+    for errors raised before any stdin is read."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code, capsys.readouterr().err
+
+
+def one_line(capsys: pytest.CaptureFixture[str], status: int, fragment: str, *args: str) -> None:
+    code, err = in_process(capsys, *args)
+    assert code == status, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err

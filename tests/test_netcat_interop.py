@@ -53,6 +53,8 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p = Procs(tmp_path)
     yield p
     p.cleanup()
+    for leftover in Path("/tmp").glob(Path(sock_path(tmp_path, "*")).name):
+        leftover.unlink(missing_ok=True)  # peers do not all remove their sockets
 
 
 def sock_path(tmp_path: Path, name: str) -> str:
@@ -223,3 +225,29 @@ def test_curl_https_to_listen(procs: Procs, pki: dict[str, str]) -> None:
     assert client.out == b"hi\n"
     assert listener.wait_out(10).startswith(b"GET /x HTTP/1.1\r\n")
     listener.stop()
+
+
+def test_unixgram_with_socat(procs: Procs, tmp_path: Path) -> None:
+    """Unix datagrams both ways round: socat's UNIX-SENDTO client against
+    `listen unixgram:`, and `connect unixgram:` against UNIX-RECVFROM."""
+    require("socat")
+    to_us, to_peer = bytes(range(256)), bytes(range(256))[::-1]
+    listener = procs.sockworks("listen", "unixgram:" + sock_path(tmp_path, "g.sock"),
+                               name="listen", stdin=to_peer)
+    path = listener.endpoint().partition(":")[2]
+    client = procs.run(["socat", "-t", "2", "STDIO",
+                        f"UNIX-SENDTO:{path},bind={sock_path(tmp_path, 'gc.sock')}"],
+                       "socat-client", stdin=to_us)
+    assert listener.wait_out(256) == to_us
+    assert finish(client, 256) == to_peer
+    assert listener.stop() == 0
+
+    server_path = sock_path(tmp_path, "g2.sock")
+    server = procs.run(["socat", "-t", "2", f"UNIX-RECVFROM:{server_path}", "STDIO"],
+                       "socat-server", stdin=to_us)
+    wait_bound("unixgram", server_path)
+    connect = procs.sockworks("connect", "--wait", "1", f"unixgram:{server_path}",
+                              name="connect", stdin=to_peer)
+    assert connect.wait() == 0, connect.err
+    assert connect.out == to_us
+    assert finish(server, 256) == to_peer
