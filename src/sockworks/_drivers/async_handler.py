@@ -60,6 +60,10 @@ class Stream(asyncio.Protocol):
         self._closed = False
         self._time = group.loop.time
         self._last_active = 0.0
+        # data_received reads no clock: the idle timer looks every
+        # ``_idle_step`` at whether bytes came in since its last look.
+        self._idle_step = (self.limits.idle_timeout or 0.0) / 20
+        self._idle_seen = 0
         self._timer: asyncio.TimerHandle | None = None
         self._lost = self._handler_done = self._logged = False
 
@@ -158,15 +162,14 @@ class Stream(asyncio.Protocol):
         if self.limits.idle_timeout is not None:
             self._last_active = self._time()
             self._timer = self.group.loop.call_at(
-                self._last_active + self.limits.idle_timeout, self._check_idle
+                self._last_active + self._idle_step, self._check_idle
             )
         if self.group.shutting_down:
             self._eof = True
         self._task = self.group.loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
-        self.stats.bytes_in += len(data)
-        self._last_active = self._time()
+        self.stats.bytes_in += len(data)  # also what the idle timer watches
         self._buf += data
         waiter = self._waiter
         if waiter is not None:
@@ -289,10 +292,17 @@ class Stream(asyncio.Protocol):
     def _check_idle(self) -> None:
         timeout = self.limits.idle_timeout
         assert timeout is not None
-        deadline = self._last_active + timeout
         now = self._time()
+        if self.stats.bytes_in != self._idle_seen:
+            # Data came in since the last look, at most one step ago: count
+            # from now. Never early, at most one step (timeout / 20) late.
+            self._idle_seen = self.stats.bytes_in
+            self._last_active = now
+        deadline = self._last_active + timeout
         if now < deadline:
-            self._timer = self.group.loop.call_at(deadline, self._check_idle)
+            self._timer = self.group.loop.call_at(
+                max(min(deadline, now + self._idle_step), now + 0.01), self._check_idle
+            )
             return
         self._timer = None
         self.stats.set_reason("idle timeout")
