@@ -6,10 +6,11 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from .._protocol import Peer
 
 if TYPE_CHECKING:
-    from .._protocol import Peer
     from .._server import Connection, ConnectionGroup
 
 # Errors that mean "the peer went away": one debug line, never a traceback.
@@ -41,6 +42,42 @@ def send_datagram(
         sock.sendto(b"", addr)
     except OSError as exc:
         log.debug("cannot send an empty datagram to %r: %s", addr, exc)
+
+
+class DatagramSocket(asyncio.DatagramProtocol):
+    """What both drivers' datagram endpoints share: the transport, the
+    access check on arrival, error logging and the shutdown interface."""
+
+    def __init__(self, group: ConnectionGroup, sock: socket.socket) -> None:
+        self.group = group
+        self.sock = sock  # for empty replies: see send_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: no isinstance check.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def admit(self, data: bytes, addr: Any) -> Peer | None:
+        """The sender, or None when the access policy drops the datagram."""
+        peer = Peer.from_address(addr)
+        access = self.group.access
+        if access is not None:
+            refused = access.admit_datagram(peer.host, peer.port, len(data))
+            if refused is not None:
+                self.group.refused(peer, refused, datagram=True)
+                return None
+        return peer
+
+    def error_received(self, exc: Exception) -> None:
+        self.group.log.debug("datagram socket error: %s", exc)
+
+    def begin_shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def report_failed_start(task: asyncio.Task[object]) -> None:

@@ -18,14 +18,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .._config import Limits
 from .._endpoint import Endpoint
 from .._errors import ConnectionClosed, LineTooLong, RemoteProtocolError
 from .._protocol import Peer
 from .._sockets import BoundSocket, format_peer
-from ._common import PEER_GONE, ConnectionStats, describe, send_datagram
+from ._common import PEER_GONE, ConnectionStats, DatagramSocket, describe, send_datagram
 
 if TYPE_CHECKING:
     from .._server import ConnectionGroup
@@ -358,18 +358,14 @@ class DatagramConnection:
         pass
 
 
-class _DatagramEndpoint(asyncio.DatagramProtocol):
+class _DatagramEndpoint(DatagramSocket):
+    """One datagram socket: each datagram to a handler thread."""
+
     def __init__(
         self, driver: BlockingDriver, group: ConnectionGroup, sock: socket.socket
     ) -> None:
+        super().__init__(group, sock)
         self.driver = driver
-        self.group = group
-        self.sock = sock
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio's: no isinstance check.
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         pool = self.driver.pool
@@ -381,27 +377,12 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
             )
             return
         assert self.transport is not None
-        budget = None
+        if self.admit(data, addr) is None:
+            return
         access = self.group.access
-        if access is not None:
-            peer = format_peer(addr)
-            refused = access.admit_datagram(peer.host, peer.port, len(data))
-            if refused is not None:
-                self.group.refused(peer, refused, datagram=True)
-                return
-            budget = access.policy.reply_allowance(len(data))
+        budget = None if access is None else access.policy.reply_allowance(len(data))
         conn = DatagramConnection(data, addr, self.transport, self.sock, self.group.loop, budget)
         pool.submit(lambda: self.driver.run_datagram(conn, self.group))
-
-    def error_received(self, exc: Exception) -> None:
-        self.group.log.debug("datagram socket error: %s", exc)
-
-    def begin_shutdown(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.begin_shutdown()
 
 
 class BlockingDriver:

@@ -18,8 +18,15 @@ from .._config import Limits
 from .._endpoint import Endpoint
 from .._errors import RemoteProtocolError
 from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
-from .._sockets import BoundSocket, format_peer
-from ._common import PEER_GONE, ConnectionStats, describe, report_failed_start, send_datagram
+from .._sockets import BoundSocket
+from ._common import (
+    PEER_GONE,
+    ConnectionStats,
+    DatagramSocket,
+    describe,
+    report_failed_start,
+    send_datagram,
+)
 
 if TYPE_CHECKING:
     from .._server import ConnectionGroup
@@ -412,29 +419,20 @@ class StreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-class DatagramEndpoint(asyncio.DatagramProtocol):
+class DatagramEndpoint(DatagramSocket):
     """One datagram socket: each datagram to the protocol, the reply back."""
 
     def __init__(
         self, proto: DatagramProtocol, group: ConnectionGroup, sock: socket.socket
     ) -> None:
+        super().__init__(group, sock)
         self.proto = proto
-        self.group = group
-        self.sock = sock
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio's: no isinstance check.
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        peer = format_peer(addr)
+        peer = self.admit(data, addr)
+        if peer is None:
+            return
         access = self.group.access
-        if access is not None:
-            refused = access.admit_datagram(peer.host, peer.port, len(data))
-            if refused is not None:
-                self.group.refused(peer, refused, datagram=True)
-                return
         try:
             reply = self.proto.on_datagram(data, peer)
         except RemoteProtocolError as exc:
@@ -454,14 +452,3 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
                 self.group.log.debug("cannot reply to an unbound unixgram peer")
                 return
             send_datagram(self.transport, self.sock, reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.group.log.debug("datagram socket error: %s", exc)
-
-    def begin_shutdown(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
