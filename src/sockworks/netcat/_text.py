@@ -7,13 +7,11 @@ plain functions of their input, tested with byte strings alone.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .._access import AccessPolicy
 from .._errors import UsageError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_ports(text: str) -> list[int]:
@@ -125,50 +123,23 @@ class CrlfTranslator:
 
 @dataclass(frozen=True, slots=True)
 class AddressFilter:
-    """``--allow``/``--deny``: addresses or CIDR networks.
-
-    The rule of the server's access control (``docs/classic.md``): of the
-    allow and deny networks containing the peer, the one with the longest
-    prefix decides, deny winning a tie; a peer matching nothing is allowed
-    when there are no allow rules and refused when there are. IPv4-mapped
-    IPv6 peers match as IPv4. Unix peers (no address) are always allowed.
+    """``--allow``/``--deny``: addresses or CIDR networks, decided by the
+    server's access-control rule (``docs/classic.md``, ``_access.py``): of
+    the allow and deny networks containing the peer, the one with the
+    longest prefix decides, deny winning a tie; a peer matching nothing is
+    allowed when there are no allow rules and refused when there are.
+    IPv4-mapped IPv6 peers match as IPv4; Unix peers are always allowed.
     """
 
-    allow: tuple[IPNetwork, ...] = ()
-    deny: tuple[IPNetwork, ...] = ()
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
 
     @classmethod
     def parse(cls, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> AddressFilter:
-        return cls(tuple(_network(a, "--allow") for a in allow),
-                   tuple(_network(d, "--deny") for d in deny))
+        """Raise :class:`UsageError` (a ConfigError) naming a bad rule."""
+        return cls(AccessPolicy(allow=tuple(allow), deny=tuple(deny)))
 
     def __bool__(self) -> bool:
-        return bool(self.allow or self.deny)
+        return bool(self.policy.allow or self.policy.deny)
 
     def permits(self, host: str) -> bool:
-        if not host:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return not self.allow
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        best_allow = max((n.prefixlen for n in self.allow
-                          if n.version == address.version and address in n), default=-1)
-        best_deny = max((n.prefixlen for n in self.deny
-                         if n.version == address.version and address in n), default=-1)
-        if best_allow < 0 and best_deny < 0:
-            return not self.allow
-        return best_allow > best_deny
-
-
-def _network(text: str, option: str) -> IPNetwork:
-    try:
-        net = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not an address or CIDR network") from None
-    mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
-    if mapped is not None and net.prefixlen >= 96:
-        return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}", strict=False)
-    return net
+        return self.policy.decide(host) is None
