@@ -274,12 +274,10 @@ class StreamConnection(asyncio.Protocol):
         self._run(self.proto.on_writable)
 
     async def _send_file(self, out: Reply) -> None:
-        """Send a file region in chunks, paced by the transport's flow
-        control: at most the write buffer limit plus one chunk is in memory.
-
-        (uvloop has no ``loop.sendfile``; chunks are read with ``pread``
-        from the page cache and written like any other output.)
-        """
+        """Send a file region: by ``os.sendfile`` when the transport allows
+        it (uvloop has no ``loop.sendfile``), else in ``pread`` chunks paced
+        by the transport's flow control, so that at most the write buffer
+        limit plus one chunk is in memory."""
         assert out.file is not None and self.transport is not None
         span = out.file
         transport = self.transport
