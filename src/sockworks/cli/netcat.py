@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .._config import SocketOptions
@@ -200,26 +201,21 @@ def _stop_on_sigterm() -> None:
 def run_connect(args: argparse.Namespace) -> int:
     if args.zero:
         return _run_zero(args)
-    endpoint = parse_endpoint(args.endpoint)
-    options = _options(args, listening=False)
-    _std_fds_open()
-    _stop_on_sigterm()
-    try:
-        connect(endpoint, options, hooks=_hooks(args))
-    except KeyboardInterrupt:
-        pass
-    except OSError as exc:  # the safety net: one line, never a traceback
-        return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
-    return EXIT_OK
+    return _run_relay(connect, args, listening=False)
 
 
 def run_listen(args: argparse.Namespace) -> int:
+    return _run_relay(listen, args, listening=True)
+
+
+def _run_relay(relay: Callable[..., None], args: argparse.Namespace, *, listening: bool) -> int:
+    """Run ``connect`` or ``listen`` from the command line."""
     endpoint = parse_endpoint(args.endpoint)
-    options = _options(args, listening=True)
+    options = _options(args, listening=listening)
     _std_fds_open()
     _stop_on_sigterm()
     try:
-        listen(endpoint, options, hooks=_hooks(args))
+        relay(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the safety net: one line, never a traceback
