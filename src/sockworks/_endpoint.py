@@ -74,31 +74,120 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
         if "\0" in rest:
             raise EndpointError(f"endpoint {text!r}: a socket path cannot contain NUL")
         return Endpoint(transport, path=rest)  # type: ignore[arg-type]
-    host, port = _split_host_port(rest, text)
+    host, port = split_host_port(rest, zero_ok=True, subject=f"endpoint {text!r}")
     return Endpoint(transport, host=host, port=port)  # type: ignore[arg-type]
 
 
-def _split_host_port(rest: str, text: str) -> tuple[str, int]:
-    if rest.startswith("["):
-        close = rest.find("]")
-        if close < 0 or rest[close + 1 : close + 2] != ":":
-            raise EndpointError(f"endpoint {text!r}: expected [IPV6]:PORT")
-        host, port_text = rest[1:close], rest[close + 2 :]
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise EndpointError(f"endpoint {text!r}: {host!r} is not an IPv6 address") from None
+# The one host:port parser and port validator: endpoints, Gopher URLs and
+# targets, netcat's --zero and --source, --advertise and --drop-source-port
+# all come through here, so they accept the same forms and say the same
+# things about the same mistakes.
+
+PORT_MAX = 65535
+
+
+def parse_port(text: str, *, zero_ok: bool = False, subject: str = "") -> int:
+    """A port written in ASCII digits, 1-65535; 0-65535 when ``zero_ok``
+    (port 0 is meaningful only when binding: the kernel picks a free port).
+
+    Raise :class:`EndpointError` (a :class:`UsageError`) starting with
+    ``subject`` when one is given: ``endpoint 'h:x': port 'x' is not a number``.
+    """
+    prefix = f"{subject}: " if subject else ""
+    if not text:
+        raise EndpointError(f"{prefix}no port number")
+    # isdigit() alone accepts "٣" and "²", which int() rejects or misreads.
+    if not text.isascii() or not text.isdigit():
+        raise EndpointError(f"{prefix}port {text!r} is not a number")
+    digits = text.lstrip("0") or "0"
+    # Length first: int() of thousands of digits is slow, and refused past 4300.
+    value = int(digits) if len(digits) <= 5 else PORT_MAX + 1
+    low = 0 if zero_ok else 1
+    if not low <= value <= PORT_MAX:
+        raise EndpointError(f"{prefix}port {digits} is out of range ({low}-{PORT_MAX})")
+    return value
+
+
+def partition_host_port(
+    text: str,
+    *,
+    port_optional: bool = False,
+    subject: str | None = None,
+    port_name: str = "PORT",
+) -> tuple[str, str | None]:
+    """Split ``HOST:PORT`` or ``[IPV6]:PORT`` into the host and the port's
+    text, checking the host but not the port (netcat's ``--zero`` has a port
+    list there). With ``port_optional``, ``HOST``, ``[IPV6]`` and a bare
+    IPv6 literal are accepted too, with ``None`` for the port.
+
+    The host comes back without brackets; it may be empty ("all addresses"
+    when binding: callers that need a host say so themselves).
+    """
+    subject = subject if subject is not None else repr(text)
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise EndpointError(f"{subject}: missing ']' (expected [IPV6]:{port_name})")
+        host, after = text[1:close], text[close + 1 :]
+        if after.startswith(":"):
+            port_text: str | None = after[1:]
+        elif not after and port_optional:
+            port_text = None
+        else:
+            raise EndpointError(f"{subject}: expected [IPV6]:{port_name}")
+        if not _is_ipv6(host):
+            raise EndpointError(f"{subject}: {host!r} is not an IPv6 address")
+    elif ":" not in text:
+        if not port_optional:
+            raise EndpointError(f"{subject} has no port (expected HOST:{port_name})")
+        host, port_text = text, None
     else:
-        host, sep, port_text = rest.rpartition(":")
-        if not sep:
-            raise EndpointError(f"endpoint {text!r} has no port (expected HOST:PORT)")
+        host, _, port_text = text.rpartition(":")
         if ":" in host:
-            raise EndpointError(f"endpoint {text!r}: write IPv6 addresses in brackets, [::1]:PORT")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise EndpointError(f"endpoint {text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise EndpointError(f"endpoint {text!r}: port {port} is out of range (0-65535)")
+            # Several colons: an IPv6 literal, whose last group would be
+            # indistinguishable from a port; only a bare one (no port) is taken.
+            if port_optional and _is_ipv6(text):
+                return text, None
+            raise EndpointError(
+                f"{subject}: write IPv6 addresses in brackets, [::1]:{port_name}"
+            )
     if any(c.isspace() for c in host):
-        raise EndpointError(f"endpoint {text!r}: host contains white space")
-    return host, port
+        raise EndpointError(f"{subject}: host contains white space")
+    # A NUL or a surrogate would make getaddrinfo raise ValueError, not a
+    # socket error: refuse them here, where the message can be clear.
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in host):
+        raise EndpointError(f"{subject}: host contains a character no host name has")
+    return host, port_text
+
+
+def split_host_port(
+    text: str,
+    *,
+    default_port: int | None = None,
+    zero_ok: bool = False,
+    subject: str | None = None,
+) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` → ``(host, port)``, the host without
+    brackets. When ``default_port`` is given the port may be left out:
+    ``HOST``, ``[IPV6]`` and a bare IPv6 literal (``::1``) take it.
+
+    Ports are 1-65535, or 0-65535 with ``zero_ok``. Every error is an
+    :class:`EndpointError` (a :class:`UsageError`) that starts with
+    ``subject`` (default: the text, quoted) and names the problem.
+    """
+    subject = subject if subject is not None else repr(text)
+    host, port_text = partition_host_port(
+        text, port_optional=default_port is not None, subject=subject
+    )
+    if port_text is None and default_port is not None:
+        return host, default_port
+    # (port_text is None only when default_port was given.)
+    return host, parse_port(port_text or "", zero_ok=zero_ok, subject=subject)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host.split("%", 1)[0])  # a zone (%eth0) is allowed
+    except ValueError:
+        return False
+    return True

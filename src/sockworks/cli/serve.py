@@ -9,8 +9,8 @@ from typing import Any
 
 from .._access import parse_network
 from .._configfile import SERVICE_KEYS, build_service, load_config
-from .._endpoint import parse_endpoint
-from .._errors import ConfigError, UsageError
+from .._endpoint import parse_endpoint, parse_port
+from .._errors import ConfigError, EndpointError, UsageError
 from .._run import run_services
 from .._server import Server, ServiceConfig
 from ..services import SERVICES, ServiceSpec, get_service
@@ -127,10 +127,10 @@ def _factor(text: str) -> float | str:
 
 
 def _port(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
-    return value
+    try:
+        return parse_port(text)
+    except EndpointError as exc:  # argparse shows this message, not a generic one
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_access_options(p: argparse.ArgumentParser) -> None:

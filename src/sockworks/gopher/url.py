@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
+from .._endpoint import split_host_port as _split_host_port
 from .._errors import UsageError
 
 DEFAULT_PORT = 70
@@ -35,28 +36,10 @@ class Location:
         return f"gopher://{host}{port}/{path}{query}"
 
 
-def _port(text: str, where: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UsageError(f"bad port {text!r} in {where!r}")
-    return int(text)
-
-
 def split_host_port(text: str) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port``, or a bare IPv6 literal."""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise UsageError(f"bad host {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        if not rest:
-            return host, DEFAULT_PORT
-        if not rest.startswith(":"):
-            raise UsageError(f"bad host {text!r}")
-        return host, _port(rest[1:], text)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, _port(port, text)
-    return text, DEFAULT_PORT
+    """``host``, ``host:port``, ``[v6]:port``, ``[v6]``, or a bare IPv6
+    literal; the port defaults to 70. Raise :class:`UsageError`."""
+    return _split_host_port(text, default_port=DEFAULT_PORT, subject=f"address {text!r}")
 
 
 def _decode(text: str) -> str:

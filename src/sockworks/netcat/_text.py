@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .._access import AccessPolicy
+from .._endpoint import parse_port, partition_host_port, split_host_port
 from .._errors import UsageError
 
 
@@ -22,62 +23,32 @@ def parse_ports(text: str) -> list[int]:
     ports: set[int] = set()
     if not text.strip():
         raise UsageError("empty port list (expected e.g. 20-25,80)")
+    subject = f"port list {text!r}"
     for part in text.split(","):
         part = part.strip()
         low_text, dash, high_text = part.partition("-")
-        low = _port(low_text, text)
-        high = _port(high_text, text) if dash else low
+        low = parse_port(low_text.strip(), subject=subject)
+        high = parse_port(high_text.strip(), subject=subject) if dash else low
         if high < low:
             raise UsageError(f"port range {part!r} goes backwards")
         ports.update(range(low, high + 1))
     return sorted(ports)
 
 
-def _port(text: str, whole: str) -> int:
-    text = text.strip()
-    if not text.isascii() or not text.isdigit():
-        raise UsageError(f"{text!r} in port list {whole!r} is not a port number")
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise UsageError(f"port {value} in {whole!r} is out of range (1-65535)")
-    return value
-
-
 def split_host_ports(text: str) -> tuple[str, list[int]]:
     """``HOST:PORTS`` or ``[IPV6]:PORTS`` (``tcp:`` prefix allowed) for ``--zero``."""
-    rest = text.removeprefix("tcp:")
-    if rest.startswith("["):
-        close = rest.find("]")
-        if close < 0 or rest[close + 1 : close + 2] != ":":
-            raise UsageError(f"{text!r}: expected [IPV6]:PORTS")
-        host, ports = rest[1:close], rest[close + 2 :]
-    else:
-        host, sep, ports = rest.rpartition(":")
-        if not sep or not host:
-            raise UsageError(f"{text!r}: expected HOST:PORTS, e.g. 127.0.0.1:20-25,80")
-    return host, parse_ports(ports)
+    host, ports = partition_host_port(text.removeprefix("tcp:"), port_name="PORTS")
+    if not host:
+        raise UsageError(f"{text!r} has no host (expected HOST:PORTS, e.g. 127.0.0.1:20-25,80)")
+    return host, parse_ports(ports or "")
 
 
 def parse_source(text: str) -> tuple[str, int]:
-    """``--source ADDR[:PORT]``: ``127.0.0.1``, ``127.0.0.1:5000``, ``[::1]:5000``, ``::1``."""
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise UsageError(f"--source {text!r}: missing ']'")
-        host, rest = text[1:close], text[close + 1 :]
-        if rest and not rest.startswith(":"):
-            raise UsageError(f"--source {text!r}: expected [ADDR]:PORT")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""  # an IPv4 address, a name, or bare IPv6
-    port = 0
-    if port_text:
-        if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
-            raise UsageError(f"--source {text!r}: {port_text!r} is not a port")
-        port = int(port_text)
-    return host, port
+    """``--source ADDR[:PORT]``: ``127.0.0.1``, ``127.0.0.1:5000``, ``[::1]:5000``, ``::1``.
+
+    No port, or port 0, lets the kernel choose one.
+    """
+    return split_host_port(text, default_port=0, zero_ok=True, subject=f"--source {text!r}")
 
 
 def hexdump(data: bytes | memoryview, offset: int = 0, marker: str = ">") -> str:

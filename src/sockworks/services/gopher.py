@@ -11,11 +11,10 @@ from .. import __version__
 from .._config import Limits
 from .._drivers._common import report_failed_start
 from .._drivers.protocol import StreamConnection
-from .._endpoint import Endpoint
-from .._errors import ConfigError
+from .._endpoint import Endpoint, split_host_port
+from .._errors import ConfigError, EndpointError
 from .._protocol import Peer
 from ..gopher.fsroot import FileSystemRoot
-from ..gopher.url import split_host_port
 from ..protocols.gopher import GopherProtocol, GopherSite
 from ._spec import ServiceOptions, ServiceSpec
 
@@ -40,11 +39,11 @@ def default_root() -> str:
 def parse_advertise(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) for ``--advertise``."""
     try:
-        host, port = split_host_port(text)
-    except Exception as exc:
-        raise ConfigError(f"--advertise: {exc}") from None
-    if not host or ("[" not in text and text.count(":") != 1):
-        raise ConfigError(f"--advertise wants HOST:PORT, not {text!r}")
+        host, port = split_host_port(text, subject=f"--advertise {text!r}")
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if not host:
+        raise ConfigError(f"--advertise {text!r} has no host (expected HOST:PORT)")
     return host, port
 
 
