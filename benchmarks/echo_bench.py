@@ -28,25 +28,36 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
-import queue
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SERVERS = HERE / "servers"
-HOST = "127.0.0.1"
-LISTENING = re.compile(r"listening on tcp:[^:]+:(\d+)")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (
+    HOST,
+    SERVERS,
+    HarnessError,
+    RunningServer,
+    build_tools,
+    choose_cpus,
+    cpu_seconds,
+    find_bench_sources,
+    free_port,
+    machine_summary,
+    median,
+    paired,
+    pinned,
+    rps_label,
+    set_priority,
+    size_label,
+    table,
+)
+
 RESULT = re.compile(
     r"rps=(?P<rps>\d+) p50_us=(?P<p50>\d+) p99_us=(?P<p99>\d+) errors=(?P<errors>\d+)"
 )
@@ -128,12 +139,6 @@ class Result:
 Samples = dict[str, dict[Cell, dict[int, Result]]]
 
 
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def summarise(samples: Samples) -> dict[str, dict[Cell, Result]]:
     """Per contender and load: the round with the median requests/s (so its
     p99 comes from the same run), with the median CPU time of the rounds."""
@@ -148,18 +153,6 @@ def summarise(samples: Samples) -> dict[str, dict[Cell, Result]]:
     return out
 
 
-def paired(
-    samples: Samples, a: str, b: str, cell: Cell, ratio: Callable[[Result, Result], float | None]
-) -> float | None:
-    """The median over rounds of ``ratio(a's run, b's run)``, each pair
-    measured in the same round, seconds apart: noise that comes and goes
-    (another process waking up) cancels out far better than in a ratio of
-    two separate medians."""
-    ra, rb = samples.get(a, {}).get(cell, {}), samples.get(b, {}).get(cell, {})
-    values = [v for r in ra.keys() & rb.keys() if (v := ratio(ra[r], rb[r])) is not None]
-    return median(values) if values else None
-
-
 def rps_ratio(a: Result, b: Result) -> float | None:
     return a.rps / b.rps if b.rps else None
 
@@ -171,136 +164,16 @@ def cpu_ratio(a: Result, b: Result) -> float | None:
 # -- tools -------------------------------------------------------------------
 
 
-class HarnessError(Exception):
-    """Something the person running the benchmark must fix."""
-
-
-def find_bench_sources(given: str | None) -> Path:
-    candidates = [Path(p) for p in (given, os.environ.get("SOCKWORKS_BENCH_SRC")) if p]
-    candidates += [ROOT.parent / "shared" / "bench", ROOT / "shared" / "bench"]
-    for path in candidates:
-        if (path / "echoload.c").is_file() and (path / "epoll_echo.c").is_file():
-            return path
-    raise HarnessError(
-        "cannot find echoload.c and epoll_echo.c (looked in "
-        + ", ".join(str(c) for c in candidates)
-        + "); pass --bench-src DIR"
-    )
-
-
-def build_tools(src: Path, into: Path, need_epoll: bool) -> None:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise HarnessError("gcc is not installed: it is needed to build the C load generator")
-    for name in ("echoload", "epoll_echo") if need_epoll else ("echoload",):
-        proc = subprocess.run(
-            [gcc, "-O2", "-o", str(into / name), str(src / f"{name}.c")],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise HarnessError(f"cannot compile {name}.c:\n{proc.stderr}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-# ``nice -n N`` before every server and load process (--nice); empty: none.
-PRIORITY: list[str] = []
-
-
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return [*PRIORITY, *(argv if cpu is None else ["taskset", "-c", str(cpu), *argv])]
-
-
-# -- servers -----------------------------------------------------------------
-
-
-class RunningServer:
-    """A contender's server process, its port, and its stderr."""
-
-    def __init__(self, contender: Contender, tools: Path, cpu: int | None) -> None:
-        self.contender = contender
-        self.lines: list[str] = []
-        argv = contender.command(tools)
-        known_port = free_port() if contender.native else 0
-        argv = [*argv, str(known_port)] if contender.native else [*argv, "--port", "0"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            pinned(cpu, argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # a ^C to the harness is ours to pass on
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.port = known_port if contender.native else 0
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.lines.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.contender.native:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    socket.create_connection((HOST, self.port), timeout=1).close()
-                    return
-                except OSError:
-                    time.sleep(0.05)
-                    continue
-            try:
-                line = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            match = LISTENING.search(line)
-            if match:
-                self.port = int(match.group(1))
-                return
-        self.stop()
-        tail = "\n".join(self.lines[-15:])
-        raise HarnessError(f"{self.contender.name} did not start:\n{tail}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_server(c: Contender, tools: Path, cpu: int | None) -> RunningServer:
+    """A contender's server: the C server on a free port it is given, the
+    others on port 0 (``--port 0``), reporting theirs on stderr."""
+    if c.native:
+        port = free_port()
+        return RunningServer(c.name, [*c.command(tools), str(port)], cpu, tools, port=port)
+    return RunningServer(c.name, [*c.command(tools), "--port", "0"], cpu, tools)
 
 
 # -- load ----------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process and all its threads."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(
@@ -330,31 +203,8 @@ def run_load(
 # -- reporting -------------------------------------------------------------------
 
 
-def size_label(size: int) -> str:
-    if size >= 1024 and size % 1024 == 0:
-        return f"{size // 1024} KiB"
-    return f"{size} B"
-
-
 def cell_label(cell: Cell) -> str:
     return f"{size_label(cell[0])} x{cell[1]}"
-
-
-def rps_label(rps: int) -> str:
-    return f"{rps / 1000:.1f}k" if rps >= 10000 else str(rps)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        out = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
-        return "| " + " | ".join(out) + " |"
-
-    dashes = ("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
-    sep = "|" + "|".join(dashes) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
 def report(
@@ -436,29 +286,6 @@ def report(
     return "\n".join(out), all_pass
 
 
-def machine_summary() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = []
-    for module in ("uvloop", "twisted", "gevent"):
-        try:
-            from importlib.metadata import version
-
-            versions.append(f"{module} {version(module)}")
-        except Exception:
-            pass
-    return (
-        f"{os.cpu_count()} CPUs, {model}; Linux {os.uname().release}; "
-        f"Python {sys.version.split()[0]}; " + ", ".join(versions)
-    )
-
-
 # -- main ----------------------------------------------------------------------
 
 
@@ -531,12 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     contenders = select(args)
     cells: list[Cell] = [(s, n) for s in parse_ints(args.sizes) for n in parse_ints(args.conns)]
-    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
-    server_cpu, load_cpu = (args.server_cpu, args.load_cpu) if pin else (None, None)
-    if not pin:
-        print("note: not pinning (no taskset, one CPU, or --no-pin)", file=sys.stderr)
-    if args.nice:
-        PRIORITY[:] = ["nice", "-n", str(args.nice)]
+    server_cpu, load_cpu = choose_cpus(args.no_pin, args.server_cpu, args.load_cpu)
+    set_priority(args.nice)
     failed: dict[str, str] = {}
     for c in contenders:
         why = c.missing()
@@ -554,11 +377,12 @@ def run(args: argparse.Namespace) -> int:
     servers: dict[str, RunningServer] = {}
     with tempfile.TemporaryDirectory(prefix="sockworks-bench-") as tmp:
         tools = Path(tmp)
+        need_epoll = any(c.native for c in runnable)
         build_tools(find_bench_sources(args.bench_src), tools,
-                    any(c.native for c in runnable))
+                    ("echoload", "epoll_echo") if need_epoll else ("echoload",))
         try:
             for c in runnable:
-                server = RunningServer(c, tools, server_cpu)
+                server = start_server(c, tools, server_cpu)
                 try:
                     server.wait_ready()
                 except HarnessError as exc:
