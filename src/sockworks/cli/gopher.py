@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from typing import Any, TextIO
 
+from .._files import write_atomic
 from ..gopher.client import GopherError, ServerError, download, error_message, fetch
 from ..gopher.items import (
     Item,
@@ -121,7 +122,7 @@ def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
     else:
         body = data
     if args.output not in (None, "-"):
-        write_file(args.output, body)
+        write_atomic(args.output, body)
         return EXIT_OK
     if kind not in SHOWN and args.output is None and sys.stdout.isatty():
         return save_bytes(data, default_name(loc))
@@ -129,21 +130,8 @@ def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
     return EXIT_OK
 
 
-def write_file(name: str, data: bytes) -> None:
-    """Write ``data`` to ``name`` through a temporary file and a rename:
-    never a partial file under the final name."""
-    temp = f"{name}.part-{os.getpid()}"
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, name)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def save_bytes(data: bytes, name: str) -> int:
-    write_file(name, data)
+    write_atomic(name, data)
     sys.stderr.write(f"sockworks: saved {len(data)} bytes to {name}\n")
     return EXIT_OK
 
@@ -411,7 +399,7 @@ class Browser:
                 message = error_message(data)
                 if message is not None:
                     raise ServerError(f"server error: {message}")
-                write_file(name, unstuff_text(data) if loc.type == "0" else data)
+                write_atomic(name, unstuff_text(data) if loc.type == "0" else data)
             else:
                 download(loc, name, timeout=self.timeout)
             self.say(f"saved to {name}")
@@ -420,5 +408,5 @@ class Browser:
             return
         name = rest or default_name(self.here)
         data = self.data if self.here.type in ("1", "7") else unstuff_text(self.data)
-        write_file(name, data)
+        write_atomic(name, data)
         self.say(f"saved to {os.path.abspath(name)}")

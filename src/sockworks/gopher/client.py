@@ -6,13 +6,11 @@ item from the server) are :class:`GopherError` with a one-line message.
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
 
 from .._errors import SockworksError
+from .._files import atomic_writer
 from .items import encode, parse_menu
 from .url import Location
 
@@ -116,35 +114,18 @@ def download(
     goes to a temporary file beside it, renamed into place only when the
     transfer is complete. A broken transfer leaves nothing under the final
     name. A type-3 answer raises :class:`ServerError` and saves nothing."""
-    directory = os.path.dirname(os.path.abspath(destination))
-    fd, temp = tempfile.mkstemp(prefix=".sockworks-", suffix=".part", dir=directory)
-    done = False
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp's 0600 is for the temporary name only
-        with os.fdopen(fd, "wb") as f:
-            first = True
-            out: BinaryIO = f
+    with atomic_writer(destination) as out:
+        first = True
 
-            def sink(chunk: bytes) -> None:
-                nonlocal first
-                if first:
-                    first = False
-                    message = error_message(chunk)
-                    if message is not None:
-                        raise ServerError(f"server error: {message}")
-                out.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+        def sink(chunk: bytes) -> None:
+            nonlocal first
+            if first:
+                first = False
+                message = error_message(chunk)
+                if message is not None:
+                    raise ServerError(f"server error: {message}")
+            out.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
 
-            total = stream(loc, sink, timeout=timeout)
-        os.replace(temp, destination)
-        done = True
-        return total
-    finally:
-        if not done:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
+        return stream(loc, sink, timeout=timeout)
