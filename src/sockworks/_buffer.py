@@ -56,6 +56,12 @@ class LineBuffer:
             self._start = 0
         return line
 
+    def peek(self) -> bytes:
+        """Everything buffered, without consuming it: after ``next_line()``
+        returned ``None``, the unfinished line so far (a protocol that can
+        decide before the line ends, like the seeds' greeting, looks at it)."""
+        return bytes(self._buf[self._start :])
+
     def take_rest(self) -> bytes:
         """Everything buffered (an unterminated last line at EOF)."""
         rest = bytes(self._buf[self._start :])

@@ -67,8 +67,7 @@ class Greeting(StreamProtocol):
 
     def __init__(self, token: bytes = b"1", max_line: int = 8192) -> None:
         self.token = token
-        self.max_line = max_line
-        self.received = bytearray()
+        self.buffer = LineBuffer(max_line)
         self.peer: Peer | None = None
 
     def on_connect(self, peer: Peer) -> Output:
@@ -76,19 +75,21 @@ class Greeting(StreamProtocol):
         return None
 
     def on_data(self, data: bytes) -> Output:
-        self.received += data
-        nl = self.received.find(b"\n")
-        if nl >= 0:
-            return self._answer(bytes(self.received[:nl]).strip())
-        if len(self.received) > self.max_line:
+        self.buffer.feed(data)
+        try:
+            line = self.buffer.next_line()
+        except LineTooLong:
             return self._answer(b"", reason="token too long")
-        pending = bytes(self.received).strip()
-        if pending == self.token or not self.token.startswith(bytes(self.received).lstrip()):
+        if line is not None:
+            return self._answer(line.strip())
+        received = self.buffer.peek()
+        pending = received.strip()
+        if pending == self.token or not self.token.startswith(received.lstrip()):
             return self._answer(pending)
         return None  # a prefix of the token: wait for the rest
 
     def on_eof(self) -> Output:
-        rest = bytes(self.received).strip()
+        rest = self.buffer.take_rest().strip()
         return self._answer(rest) if rest else Reply(close=True, reason="no token")
 
     def on_timeout(self) -> Output:
