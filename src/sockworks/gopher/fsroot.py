@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from typing import Literal
 
 from .root import Forbidden, Node, NotFound
 
@@ -37,10 +38,17 @@ class FileSystemRoot:
         except OSError:
             raise NotFound("not found") from None
         if stat.S_ISDIR(st.st_mode):
-            return Node(parts, "dir", real, 0, st.st_mtime)
-        if stat.S_ISREG(st.st_mode):
-            return Node(parts, "file", real, st.st_size, st.st_mtime)
-        raise Forbidden("not a file or directory")
+            kind: Literal["dir", "file"] = "dir"
+            need = os.R_OK | os.X_OK
+        elif stat.S_ISREG(st.st_mode):
+            kind, need = "file", os.R_OK
+        else:
+            raise Forbidden("not a file or directory")
+        # Refused here, as a type-3 error, rather than served as an empty
+        # text or failing later while the reply is sent.
+        if not os.access(real, need):
+            raise Forbidden("not readable")
+        return Node(parts, kind, real, st.st_size if kind == "file" else 0, st.st_mtime)
 
     def resolve(self, parts: tuple[str, ...]) -> Node:
         for part in parts:

@@ -13,6 +13,8 @@ The common subset of Bucktooth and Gophernicus (see docs/gopher.md):
 * ``.`` alone: stop reading the file.
 * ``#comment`` lines are skipped; ``!Title`` is shown as an info line;
   ``-name`` hides ``name`` from the automatic listing.
+* An item line whose type is not one printable ASCII character is dropped;
+  a port that is not a number from 1 to 65535 is left to its default.
 
 Parsing is pure: it gives a list of entries, resolved by the protocol.
 """
@@ -65,13 +67,16 @@ def parse_gophermap(data: bytes) -> Gophermap:
             continue
         fields = raw.split(b"\t")
         head = fields[0]
+        if head and not 0x21 <= head[0] <= 0x7E:
+            continue  # not a type: a menu line's type is one printable ASCII byte
         type_ = chr(head[0]) if head else "i"
         display = decode_display(head[1:])
         selector = fields[1].decode("utf-8", "surrogateescape") if len(fields) > 1 else ""
         host = fields[2].decode("latin-1").strip() if len(fields) > 2 else ""
         port: int | None = None
-        if len(fields) > 3 and fields[3].strip().isdigit():
-            port = int(fields[3].strip())
+        digits = fields[3].strip() if len(fields) > 3 else b""
+        if digits.isdigit() and len(digits) <= 5 and 0 < int(digits) <= 65535:  # else default
+            port = int(digits)
         if not selector and type_ != "i":
             selector = display  # the display string names a local file
         result.lines.append(MapLine(type_, display, selector, host or None, port))

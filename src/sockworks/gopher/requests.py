@@ -78,7 +78,10 @@ def _decoded_forms(selector: str) -> list[str]:
     for _ in range(4):
         if not _PERCENT.search(current):
             break
-        current = unquote_to_bytes(current).decode("utf-8", "surrogateescape")
+        # Back to the client's bytes first: a selector that was not UTF-8
+        # holds surrogate escapes, which a plain UTF-8 encode refuses.
+        raw = current.encode("utf-8", "surrogateescape")
+        current = unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
         forms.append(current)
     return forms
 

@@ -17,12 +17,22 @@ What is answered:
 * ``URL:…``: an HTML page that sends a web browser on (the Bucktooth
   convention for links to other protocols);
 * anything else, or anything unsafe: a type-3 error menu.
+
+Any byte string a client sends gets one of these answers or a type-3
+error; nothing it sends raises anything but the project's own errors.
+
+Nothing slow runs on the event loop: a search, and a directory menu that is
+not cached (listings run to 10,000 entries), are returned as
+``Reply(offload=…)``, which the driver runs on a worker thread. Those
+functions only read: the root, this connection's host and port, the
+site's limits. The one shared thing they write, the menu cache, takes
+their menus through a thread-safe queue (see :class:`GopherSite`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html import escape
 
@@ -58,12 +68,34 @@ SNIFF_BYTES = 512
 
 @dataclass(frozen=True)
 class SearchLimits:
-    """Bounds on one search: it runs in the event loop, so it must be short."""
+    """Bounds on one search. A search runs on a worker thread, not on the
+    event loop, but worker threads are few and share the CPU (and the GIL)
+    with the loop: ten heavy searches must not starve everyone else.
+
+    ``max_work`` bounds what the files and bytes limits cannot: a query of
+    many words costs words x bytes (each word is looked for in each file's
+    text), so 1,000 words over 5 MiB is as much work as 4 words over 1 GiB.
+    Work is counted in characters scanned: each file costs 2 per byte
+    (decoding and case-folding), each word the characters it scanned to be
+    found (the whole text when it is missing), each directory entry
+    :data:`ENTRY_WORK`.
+    """
 
     max_files: int = 5000  # text files looked at
     max_bytes: int = 64 << 20  # bytes read in all
     max_file_bytes: int = 1 << 20  # bytes read from any one file
     max_results: int = 100
+    # 8 x max_bytes: a query of up to 6 words, each found only at the end of
+    # every file, over everything the bytes limit lets a search read. At
+    # about 2 G characters a second (str.find) that is ~0.25 s of one core,
+    # however many words a request line of 8 KiB can hold.
+    max_work: int = 512 << 20
+
+
+# A directory entry looked at by a search (readdir, a Node, its type, the
+# sort) costs about as much as scanning 4 KiB of text: counted as such, a
+# tree of many small or non-text files cannot escape the work budget.
+ENTRY_WORK = 4096
 
 
 @dataclass
@@ -84,16 +116,40 @@ class GopherSite:
     cache_bytes: int = 64 << 20
     _menus: OrderedDict[tuple[object, ...], bytes] = field(default_factory=OrderedDict)
     _cached: int = 0
+    # Menus are built on worker threads (Reply.offload) but the cache is
+    # read and reordered on the event loop. Rather than a lock (the protocol
+    # layer imports no threading, and the loop would wait on it), a builder
+    # only appends to this deque, whose append and popleft are atomic; the
+    # loop moves what is there into the cache before each lookup, so the
+    # OrderedDict is only ever touched by one thread. Bounded: a burst of
+    # builds with no lookup in between keeps the newest 64.
+    _built: deque[tuple[tuple[object, ...], bytes]] = field(
+        default_factory=lambda: deque(maxlen=64)
+    )
 
     def cached_menu(self, key: tuple[object, ...]) -> bytes | None:
+        """The cached menu for ``key``, or None. On the event loop only."""
+        self._settle()
         menu = self._menus.get(key)
         if menu is not None:
             self._menus.move_to_end(key)
         return menu
 
     def keep_menu(self, key: tuple[object, ...], menu: bytes) -> None:
-        if len(menu) > self.cache_bytes // 4:
-            return
+        """Offer a menu to the cache. Safe from any thread: it is queued,
+        and cached at the next :meth:`cached_menu`."""
+        if len(menu) <= self.cache_bytes // 4:
+            self._built.append((key, menu))
+
+    def _settle(self) -> None:
+        while True:
+            try:
+                key, menu = self._built.popleft()
+            except IndexError:
+                return
+            self._store(key, menu)
+
+    def _store(self, key: tuple[object, ...], menu: bytes) -> None:
         old = self._menus.pop(key, None)
         if old is not None:
             self._cached -= len(old)
@@ -126,6 +182,22 @@ def _caps(site: GopherSite) -> bytes:
         f"SearchSelector={SEARCH}",
     ]
     return stuff_text(("\n".join(lines) + "\n").encode())
+
+
+# Schemes a redirect page never links to: in a browser (through a
+# Gopher-to-web proxy) they run script on the proxy's origin.
+_SCRIPT_SCHEMES = ("javascript:", "vbscript:", "data:")
+
+
+def _redirect_target(url: str) -> str:
+    """The ``URL:`` target a redirect page may link to; BadRequest if none."""
+    if any(0xDC80 <= ord(c) <= 0xDCFF for c in url):  # undecodable bytes
+        raise BadRequest("URL is not UTF-8")
+    if not url.isprintable():
+        raise BadRequest("control character in URL")
+    if url.strip().lower().startswith(_SCRIPT_SCHEMES):
+        raise BadRequest("URL scheme not allowed")
+    return url
 
 
 def _redirect_page(url: str) -> bytes:
@@ -213,22 +285,47 @@ class GopherProtocol(StreamProtocol):
         request = parse_request(line)
         selector = request.selector
         if selector.startswith("URL:"):
-            return Reply(data=_redirect_page(selector[4:]), close=True)
+            return Reply(data=_redirect_page(_redirect_target(selector[4:])), close=True)
         if selector in CAPS:
             return Reply(data=_caps(self.site), close=True)
         path, query = split_query(selector)
         if path == SEARCH or path.startswith(SEARCH + "/"):
             if request.query is not None:
                 query = request.query
-            scope = selector_parts(path[len(SEARCH):])
-            return Reply(data=self.search(scope, query or ""), close=True)
+            # The scope is resolved here, on the loop (one realpath): a bad
+            # one is answered at once, without a trip to a worker thread.
+            start = self.root.resolve(selector_parts(path[len(SEARCH):]))
+            text = query or ""
+            if not text.split():
+                return Reply(data=_NO_WORDS, close=True)
+            # The first line goes out at once: the client sees its query
+            # taken while the search runs on a worker thread.
+            return self._offload(lambda: self._search(start, text), first=_search_header(text))
         node = self.root.resolve(selector_parts(selector))
         if node.kind == "dir":
-            return Reply(data=self.menu(node), close=True)
+            return self._menu_reply(node)
         kind = self._type(node)
         if kind in TEXT_TYPES:
             return self._text(node)
         return Reply(file=FileSpan(node.path, 0, node.size), close=True)
+
+    def _offload(self, work: Callable[[], bytes], first: bytes = b"") -> Reply:
+        """``first`` sent at once, then ``work()`` run by the driver on a
+        worker thread, its bytes sent, then close. ``work`` must only read
+        (the root, ``host``/``port``, the site's limits) or queue a menu for
+        the cache (thread-safe); its refusals become type-3 menus there, as
+        on the loop."""
+
+        def run() -> Output:
+            try:
+                return Reply(data=work(), close=True)
+            except BadRequest as exc:
+                return Reply(data=error_menu(f"Bad selector: {exc.reason}"), close=True,
+                             reason=exc.reason)
+            except RootError as exc:
+                return Reply(data=error_menu(_sentence(str(exc))), close=True, reason=str(exc))
+
+        return Reply(data=first, offload=run)
 
     def _text(self, node: Node) -> Reply:
         if node.size <= WHOLE_TEXT_LIMIT:
@@ -278,7 +375,9 @@ class GopherProtocol(StreamProtocol):
             items.append(Item(kind, child.name, selector, host, port))
         return items
 
-    def menu(self, node: Node) -> bytes:
+    def _menu_source(self, node: Node) -> tuple[Node | None, tuple[object, ...] | None]:
+        """A directory's gophermap (if any) and its menu's cache key (None:
+        the root knows no mtimes, nothing is cached). A stat or two."""
         try:
             gmap_node: Node | None = self.root.resolve((*node.parts, GOPHERMAP))
         except RootError:
@@ -288,9 +387,30 @@ class GopherProtocol(StreamProtocol):
         key: tuple[object, ...] | None = None
         if node.mtime:  # a root that knows mtimes: cacheable
             key = (node.parts, node.mtime, gmap_node and gmap_node.mtime, self.host, self.port)
+        return gmap_node, key
+
+    def _menu_reply(self, node: Node) -> Reply:
+        """A cached menu at once; any other is built on a worker thread."""
+        gmap_node, key = self._menu_source(node)
+        if key is not None:
+            cached = self.site.cached_menu(key)
+            if cached is not None:
+                return Reply(data=cached, close=True)
+        return self._offload(lambda: self._build_menu(node, gmap_node, key))
+
+    def menu(self, node: Node) -> bytes:
+        """A directory's menu, built here if it is not cached (call it on
+        the loop thread: it reads the cache)."""
+        gmap_node, key = self._menu_source(node)
+        if key is not None:
             cached = self.site.cached_menu(key)
             if cached is not None:
                 return cached
+        return self._build_menu(node, gmap_node, key)
+
+    def _build_menu(self, node: Node, gmap_node: Node | None,
+                    key: tuple[object, ...] | None) -> bytes:
+        """Build a menu and offer it to the cache; safe on a worker thread."""
         if gmap_node is None:
             items = self.listing(node)
             if not node.parts:  # the root's automatic listing offers search
@@ -330,18 +450,27 @@ class GopherProtocol(StreamProtocol):
     # -- search --------------------------------------------------------------
 
     def search(self, scope: tuple[str, ...], query: str) -> bytes:
-        words = query.casefold().split()
-        if not words:
-            return format_menu([info("Type one or more words to search for.")])
+        """The whole answer to a search of ``query`` under ``scope``, built
+        here (a connection offloads :meth:`_search` instead)."""
+        if not query.split():
+            return _NO_WORDS
+        return _search_header(query) + self._search(self.root.resolve(scope), query)
+
+    def _search(self, start: Node, query: str) -> bytes:
+        """The search menu after its first line (:func:`_search_header`):
+        the count, then the matches. Runs on a worker thread and only
+        reads. Bounded by :class:`SearchLimits`, work counted as documented
+        there."""
+        words = list(dict.fromkeys(query.casefold().split()))  # each word once
         limits = self.site.search
-        start = self.root.resolve(scope)
         found: list[Item] = []
-        files = read = 0
-        pending = [start] if start.kind == "dir" else []
+        matches = files = read = work = 0
+        pending = deque([start] if start.kind == "dir" else [])
         truncated = False
-        while pending and len(found) < limits.max_results:
-            directory = pending.pop(0)
+        while pending and not truncated and matches < limits.max_results:
+            directory = pending.popleft()
             children = sorted(self.root.children(directory), key=lambda c: c.name.casefold())
+            work += ENTRY_WORK * len(children)
             for child in children:
                 if child.name.startswith("."):
                     continue
@@ -350,46 +479,88 @@ class GopherProtocol(StreamProtocol):
                     continue
                 if self._type(child) not in TEXT_TYPES:
                     continue
-                if files >= limits.max_files or read >= limits.max_bytes:
+                if (files >= limits.max_files or read >= limits.max_bytes
+                        or work >= limits.max_work):
                     truncated = True
                     break
                 files += 1
-                text = self.root.read(child, limits.max_file_bytes)
-                read += len(text)
-                hit = _match(child.name, text, words)
+                data = self.root.read(child, min(limits.max_file_bytes, limits.max_bytes - read))
+                read += len(data)
+                hit, cost = _match(child.name, data, words, limits.max_work - work)
+                work += cost
                 if hit is None:
+                    if work >= limits.max_work:
+                        truncated = True  # stopped inside this file
+                        break
                     continue
                 link = self._link(child, join_selector(child.parts))
-                if link is not None:
-                    found.append(link)
-                    if hit:
-                        found.append(info("    " + hit))
-                if len(found) >= limits.max_results * 2:
+                if link is None:
+                    continue
+                matches += 1
+                found.append(link)
+                if hit:
+                    found.append(info("    " + hit))
+                if matches >= limits.max_results:
                     break
-            if truncated:
-                break
-        matches = sum(1 for i in found if not i.is_info)
-        head = [info(f"{matches} text file(s) match {query!r}" + (" (search cut short)"
-                                                             if truncated else ""))]
-        return format_menu(head + found)
+        head = f"{matches} text file(s) match {_shown(query)!r}"
+        return format_menu([info(head + (" (search cut short)" if truncated else "")), *found])
+
+
+_NO_WORDS = format_menu([info("Type one or more words to search for.")])
+
+
+def _search_header(query: str) -> bytes:
+    return info(f"Searching the text files for {_shown(query)!r}").to_bytes()
 
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _match(name: str, data: bytes, words: list[str]) -> str | None:
-    """None when some word is missing from the name and the text, else the
-    first line holding a word (trimmed), or ``""``."""
-    text = data.decode("utf-8", "replace")
+def _shown(query: str, limit: int = 60) -> str:
+    """A query as it can be shown: undecodable bytes as U+FFFD, trimmed."""
+    text = query.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _match(name: str, data: bytes, words: list[str], budget: int) -> tuple[str | None, int]:
+    """Whether every word is in the file's text or its name, and the work
+    that took (in characters scanned, see :class:`SearchLimits`).
+
+    The first item is None when some word is missing (or the budget ran out
+    before all were found), else the line of the earliest match (trimmed),
+    or ``""`` when only the name matched.
+
+    Linear in the text per word: it is decoded and case-folded once, each
+    word is found with one ``str.find`` (C speed, stopping at the first
+    occurrence), and the line to show comes from the positions found, not
+    from a pass over the lines. A missing word ends the file at once.
+    """
+    # surrogateescape: a word with bytes that are not UTF-8 can still match
+    # the same bytes in a Latin-1 file.
+    text = data.decode("utf-8", "surrogateescape")
     folded = text.casefold()
+    size = len(folded)
+    work = 2 * len(data)
     name_folded = name.casefold()
+    first = size
     for word in words:
-        if word not in folded and word not in name_folded:
-            return None
-    for line in text.splitlines():
-        low = line.casefold()
-        if any(w in low for w in words):
-            line = " ".join(line.split())
-            return line[:70] + ("…" if len(line) > 70 else "")
-    return ""
+        if work >= budget:
+            return None, work
+        pos = folded.find(word)
+        if pos < 0:
+            work += size
+            if word not in name_folded:
+                return None, work
+            continue
+        work += pos + len(word)
+        first = min(first, pos)
+    if first == size:
+        return "", work
+    # casefold() neither adds nor removes line feeds, so the folded text's
+    # line number is the original's.
+    number = folded.count("\n", 0, first)
+    line = text.split("\n", number + 1)[number]
+    work += first
+    line = " ".join(line.split())
+    return line[:70] + ("…" if len(line) > 70 else ""), work
