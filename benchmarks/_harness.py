@@ -255,15 +255,16 @@ def rps_label(rps: float) -> str:
     return f"{rps / 1000:.1f}k" if rps >= 10000 else f"{rps:.0f}"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A Markdown table; the first ``left`` columns aligned left, the rest right."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
-        out = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+        out = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in pairs]
         return "| " + " | ".join(out) + " |"
 
-    dashes = ("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
+    dashes = ("-" * (w + 1) + ("-" if i < left else ":") for i, w in enumerate(widths))
     sep = "|" + "|".join(dashes) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
