@@ -68,3 +68,32 @@ class LineBuffer:
         self._buf.clear()
         self._start = self._scanned = 0
         return rest
+
+    def take(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of what is buffered, in order (a stream read)."""
+        buf, start = self._buf, self._start
+        end = min(len(buf), start + max_bytes)
+        data = bytes(buf[start:end])
+        if end == len(buf):
+            buf.clear()
+            self._start = 0
+        else:
+            self._start = end
+            if self._start > 4096 and self._start * 2 > len(buf):
+                del buf[: self._start]
+                self._start = 0
+        self._scanned = 0
+        return data
+
+    def next_line_with_end(self) -> bytes | None:
+        """Like :meth:`next_line`, but the line keeps its LF or CRLF."""
+        buf, start = self._buf, self._start
+        nl = buf.find(b"\n", start + self._scanned)
+        if nl < 0:
+            self.next_line()  # the length check, and the scan bookmark
+            return None
+        end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+        if end - start > self.max_line:
+            raise LineTooLong(self.max_line)
+        line = self.take(nl + 1 - start)
+        return line

@@ -53,3 +53,14 @@ class LineTooLong(RemoteProtocolError):
 
 class ConnectionClosed(SockworksError):
     """The connection is gone (reset, broken pipe, or closed by shutdown)."""
+
+
+class LocalProtocolError(SockworksError):
+    """Our own side broke the connection's rules: output of the wrong type,
+    output after close, a half-close twice. A bug in the handler, reported
+    where it happens (h11's LocalProtocolError)."""
+
+
+class IdleTimeout(ConnectionClosed, TimeoutError):
+    """The peer was idle for the idle timeout: raised by a read or write
+    that was waiting on it, in every handler style."""

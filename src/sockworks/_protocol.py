@@ -15,6 +15,7 @@ Each callback returns an :data:`Output`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -36,6 +37,13 @@ class Reply:
     the peer has taken what was sent, so that output is paced by TCP flow
     control instead of piling up in memory (chargen). ``reason`` is logged
     when the connection closes (``"line too long"``).
+
+    ``offload`` is work too slow for the event loop (a search, a large
+    listing): after ``data`` is sent the driver runs it on a worker thread,
+    reads nothing more from the peer meanwhile, and carries out the
+    :data:`Output` it returns as if a callback had returned it. It must be
+    the only action besides ``data``; the function must not touch the
+    protocol's state that other callbacks use (it runs on another thread).
     """
 
     data: bytes = b""
@@ -44,6 +52,7 @@ class Reply:
     half_close: bool = False
     more: bool = False
     reason: str | None = None
+    offload: Callable[[], Output] | None = None
 
 
 Output = bytes | Reply | None

@@ -13,16 +13,16 @@ import asyncio
 import errno
 import logging
 import os
-import socket
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ._access import AccessControl, AccessPolicy, LogThrottle
+from ._access import AccessControl, AccessPolicy
 from ._config import Limits, SocketOptions
+from ._core import ConnectionGroup, Driver, Stoppable
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import ConfigError
-from ._protocol import Peer
 from ._sockets import BoundSocket, apply_options, bind, format_peer
 
 log = logging.getLogger("sockworks.server")
@@ -30,30 +30,6 @@ log = logging.getLogger("sockworks.server")
 # Connections accepted per wake-up of a listener: high enough to drain a
 # burst, low enough that one busy listener cannot starve the others.
 _ACCEPT_BATCH = 64
-
-
-class Connection(Protocol):
-    """What the core needs from a live connection of any driver."""
-
-    def begin_shutdown(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class Driver(Protocol):
-    """Runs one handler style on the event loop (see ``_drivers``)."""
-
-    name: str
-
-    def supports(self, endpoint: Endpoint) -> bool: ...
-
-    def max_connections(self, limits: Limits) -> int: ...
-
-    def start_stream(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None: ...
-
-    def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> Connection: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,79 +75,14 @@ class ServiceConfig:
         )
 
 
-class ConnectionGroup:
-    """The live connections of one service, its limits, and its logger.
-
-    Drivers call :meth:`add` when a connection starts and :meth:`discard`
-    when it ends; the group pauses and resumes accepting around
-    ``max_connections``.
-    """
-
-    def __init__(
-        self, config: ServiceConfig, driver: Driver, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.config = config
-        self.name = config.name
-        self.limits = config.limits
-        self.options = config.options
-        self.loop = loop
-        self.driver = driver
-        self.log = logging.getLogger(f"sockworks.{config.name}")
-        self.live: set[Connection] = set()
-        self.max_connections = driver.max_connections(config.limits)
-        self.shutting_down = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._listeners: list[_Listener] = []
-        # Set by Server.start() when the service has an access policy.
-        self.access: AccessControl | None = None
-        self._refusals = LogThrottle(loop.time)
-
-    def refused(self, peer: Peer, reason: str, *, datagram: bool = False) -> None:
-        """Log a refused connection (one INFO line each) or a dropped
-        datagram (at most one line a second per source and reason)."""
-        if not datagram:
-            self.log.info("%s refused: %s", peer, reason)
-            return
-        suppressed = self._refusals.check(f"{peer.host}|{reason}")
-        if suppressed is not None:
-            more = f" (and {suppressed} more like it)" if suppressed else ""
-            self.log.info("%s datagram dropped: %s%s", peer, reason, more)
-
-    def add(self, conn: Connection) -> None:
-        self.live.add(conn)
-        self._idle.clear()
-        if len(self.live) >= self.max_connections:
-            for listener in self._listeners:
-                listener.pause()
-
-    def discard(self, conn: Connection) -> None:
-        if self.access is not None and conn in self.live:
-            stats = getattr(conn, "stats", None)
-            self.access.release_connection(stats.peer.host if stats is not None else "")
-        self.live.discard(conn)
-        if not self.live:
-            self._idle.set()
-        if len(self.live) < self.max_connections and not self.shutting_down:
-            for listener in self._listeners:
-                listener.resume()
-
-    @property
-    def full(self) -> bool:
-        return len(self.live) >= self.max_connections
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-class _Listener:
-    """A listening stream socket whose accepts we drive ourselves."""
+class _SocketListener:
+    """A listening stream socket whose accepts we drive ourselves: for
+    drivers that take the socket itself (the blocking style)."""
 
     def __init__(self, bound: BoundSocket, group: ConnectionGroup) -> None:
         self.bound = bound
         self.group = group
         self.sock = bound.sock
-        self.stream = bound.endpoint.is_stream
         self.inet = bound.endpoint.is_inet
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
@@ -216,15 +127,12 @@ class _Listener:
                 conn.close()
                 continue
             peer = format_peer(addr)
-            if group.access is not None:
-                # Checked after accept, before anything is started: a
-                # refused peer costs one close and one log line.
-                refused = group.access.admit_connection(peer.host)
-                if refused is not None:
-                    conn.close()
-                    group.refused(peer, refused)
-                    continue
-            group.driver.start_stream(conn, peer, group)
+            # Checked after accept, before anything is started: a refused
+            # peer costs one close and one log line.
+            if not group.admit(peer):
+                conn.close()
+                continue
+            group.driver.start_socket(conn, peer, group)
 
     def close(self) -> None:
         # Closed at once, not at the end of the grace period: new peers are
@@ -233,6 +141,79 @@ class _Listener:
         if self._retry is not None:
             self._retry.cancel()
         self.sock.close()
+
+
+class _TransportListener:
+    """A listening stream socket served by the event loop's own accept path
+    (``loop.create_server``: in uvloop, C code), with no task or coroutine
+    per connection: the driver's factory makes each connection's protocol.
+
+    The loop's server runs on a duplicate of the listening descriptor, so
+    that pausing at ``max_connections`` closes only the duplicate: the
+    socket, and the connections waiting in its backlog, stay.
+    """
+
+    def __init__(
+        self, bound: BoundSocket, group: ConnectionGroup, factory: Callable[[], asyncio.Protocol]
+    ) -> None:
+        self.bound = bound
+        self.group = group
+        self.sock = bound.sock
+        self.factory = factory
+        self._server: asyncio.AbstractServer | None = None
+        self._opening = False
+        self._paused = True
+        self._closed = False
+
+    def resume(self) -> None:
+        if not self._paused or self._closed:
+            return
+        self._paused = False
+        if self._server is None and not self._opening:
+            self._opening = True
+            self.group.loop.create_task(self._open()).add_done_callback(_report_open_failure)
+
+    async def _open(self) -> None:
+        loop = self.group.loop
+        try:
+            dup = self.sock.dup()
+            backlog = self.group.options.backlog
+            if self.bound.endpoint.transport == "unix":
+                server = await loop.create_unix_server(
+                    self.factory, sock=dup, backlog=backlog, **_keep_unix_path(loop)
+                )
+            else:
+                server = await loop.create_server(self.factory, sock=dup, backlog=backlog)
+        finally:
+            self._opening = False
+        if self._paused or self._closed:
+            server.close()
+        else:
+            self._server = server
+
+    def pause(self) -> None:
+        self._paused = True
+        if self._server is not None:
+            self._server.close()  # closes the duplicate only
+            self._server = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.pause()
+        self.sock.close()
+
+
+def _keep_unix_path(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """asyncio (3.13+) unlinks a Unix socket's path when its server closes;
+    a paused listener must keep it. (uvloop never unlinks a given socket.)"""
+    if isinstance(loop, asyncio.BaseEventLoop) and sys.version_info >= (3, 13):
+        return {"cleanup_socket": False}
+    return {}
+
+
+def _report_open_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cannot serve a listener: %s", task.exception())
 
 
 def _unlink_quietly(path: str) -> None:
@@ -256,8 +237,8 @@ class Server:
         self.grace = grace
         self.groups: list[ConnectionGroup] = []
         self.endpoints: list[tuple[str, Endpoint]] = []
-        self._listeners: list[_Listener] = []
-        self._datagram_conns: list[tuple[ConnectionGroup, Connection]] = []
+        self._listeners: list[_SocketListener | _TransportListener] = []
+        self._datagram_conns: list[tuple[ConnectionGroup, Stoppable]] = []
         self._stopped: asyncio.Event | None = None
         self._bound: list[BoundSocket] = []
         self._plan: list[tuple[ServiceConfig, Driver, list[BoundSocket]]] = []
@@ -314,19 +295,32 @@ class Server:
             b.endpoint.port for _, _, bs in self._plan for b in bs if b.endpoint.transport == "udp"
         }
         for config, driver, bound_sockets in self._plan:
-            group = ConnectionGroup(config, driver, loop)
+            access = None
             if config.access is not None:
-                group.access = AccessControl(
+                access = AccessControl(
                     config.access,
                     loop.time,
                     own_ports=udp_ports,
                     max_datagram=config.limits.max_datagram,
                 )
+            group = ConnectionGroup(
+                config.name,
+                driver,
+                loop,
+                limits=config.limits,
+                options=config.options,
+                access=access,
+            )
             self.groups.append(group)
+            factory = driver.connection_factory(group)
             for bound in bound_sockets:
                 if bound.endpoint.is_stream:
-                    listener = _Listener(bound, group)
-                    group._listeners.append(listener)
+                    listener: _SocketListener | _TransportListener = (
+                        _SocketListener(bound, group)
+                        if factory is None
+                        else _TransportListener(bound, group, factory)
+                    )
+                    group.listeners.append(listener)
                     self._listeners.append(listener)
                 else:
                     conn = driver.start_datagram(bound, group)
@@ -351,6 +345,7 @@ class Server:
             listener.close()
         for group in self.groups:
             group.shutting_down = True
+            group.start_held_for_shutdown()
         for _group, conn in self._datagram_conns:
             conn.begin_shutdown()
         for group in self.groups:
@@ -372,6 +367,7 @@ class Server:
             # Give aborted transports one loop turn to report connection_lost.
             await asyncio.sleep(0)
         for group in self.groups:
+            group.stop()
             group.driver.close()
         self._close_bound()
         if self._stopped is not None:

@@ -11,16 +11,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .._core import Driver
 from .._errors import ConfigError
 from .._protocol import DatagramProtocol, StreamProtocol
 from .async_handler import AsyncHandlerDriver, IncompleteRead, Stream
 from .blocking import BlockingConnection, BlockingDriver, DatagramConnection
-from .protocol import ProtocolDriver
-
-if TYPE_CHECKING:
-    from .._server import Driver
+from .protocol import ProtocolConnection, ProtocolDriver
+from .stream import StreamCore
 
 __all__ = [
     "AsyncHandlerDriver",
@@ -28,20 +27,22 @@ __all__ = [
     "BlockingDriver",
     "DatagramConnection",
     "IncompleteRead",
+    "ProtocolConnection",
     "ProtocolDriver",
     "Stream",
+    "StreamCore",
     "make_driver",
 ]
 
 
 def make_driver(handler: Any) -> Driver:
     """The driver for ``handler``, chosen by its kind (see module docs)."""
-    if hasattr(handler, "start_stream") and hasattr(handler, "supports"):
+    if isinstance(handler, Driver):
         if isinstance(handler, ProtocolDriver):
             # A fresh copy per server: drivers hold no state, but keep the
             # rule "one driver per service" true for all of them.
             return ProtocolDriver(handler.stream_factory, handler.datagram_factory)
-        return handler  # type: ignore[no-any-return]
+        return handler
     if inspect.isclass(handler):
         if issubclass(handler, StreamProtocol):
             return ProtocolDriver(stream=handler)

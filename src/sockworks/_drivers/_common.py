@@ -1,33 +1,18 @@
-"""Bookkeeping every driver shares: the open/close log lines and counters."""
+"""What both drivers' datagram endpoints share."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-import time
 from typing import TYPE_CHECKING, Any, cast
 
 from .._protocol import Peer
 
 if TYPE_CHECKING:
-    from .._server import Connection, ConnectionGroup
-
-# Errors that mean "the peer went away": one debug line, never a traceback.
-PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+    from .._core import ConnectionGroup
 
 log = logging.getLogger("sockworks.driver")
-
-
-def describe(exc: BaseException) -> str:
-    """A short reason for the close log line."""
-    if isinstance(exc, ConnectionResetError):
-        return "reset by peer"
-    if isinstance(exc, BrokenPipeError):
-        return "broken pipe"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
 
 
 def send_datagram(
@@ -85,37 +70,3 @@ def report_failed_start(task: asyncio.Task[object]) -> None:
     before the transport existed costs a debug line."""
     if not task.cancelled() and task.exception() is not None:
         log.debug("connection failed before it started: %r", task.exception())
-
-
-class ConnectionStats:
-    """Peer, start time, byte counters and the reason a connection ended."""
-
-    __slots__ = ("bytes_in", "bytes_out", "peer", "reason", "started")
-
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
-        self.started = time.monotonic()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.reason: str | None = None
-
-    def set_reason(self, reason: str | None) -> None:
-        """Keep the first reason given: it is the cause, later ones follow it."""
-        if reason and self.reason is None:
-            self.reason = reason
-
-    def opened(self, group: ConnectionGroup, conn: Connection) -> None:
-        group.add(conn)
-        group.log.info("%s connected", self.peer)
-
-    def closed(self, group: ConnectionGroup, conn: Connection) -> None:
-        group.discard(conn)
-        why = f" ({self.reason})" if self.reason else ""
-        group.log.info(
-            "%s closed after %.3f s, %d B in, %d B out%s",
-            self.peer,
-            time.monotonic() - self.started,
-            self.bytes_in,
-            self.bytes_out,
-            why,
-        )

@@ -1,28 +1,36 @@
 """Runs ``async def handle(stream)`` handlers, one task per connection.
 
-:class:`Stream` is built directly on an ``asyncio.Protocol`` (no
-StreamReader/StreamWriter pair underneath): one buffer, one waiter, and
-flow control in both directions.
+:class:`Stream` is a thin layer on the one connection core
+(:class:`~sockworks._drivers.stream.StreamCore`): a receive buffer (the
+one :class:`~sockworks.LineBuffer`) with a reader's waiter, and writes that
+wait on the core's flow control, which wakes every waiting writer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
+from .._buffer import LineBuffer
 from .._config import Limits
-from .._endpoint import Endpoint
-from .._errors import ConnectionClosed, LineTooLong, RemoteProtocolError
+from .._core import PEER_GONE, Driver, State, check_output_type, closed_error, describe
+from .._errors import (
+    ConnectionClosed,
+    IdleTimeout,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from .._protocol import Peer
-from .._sockets import BoundSocket
-from ._common import PEER_GONE, ConnectionStats, describe, report_failed_start
+from .stream import StreamCore
 
 if TYPE_CHECKING:
-    from .._server import Connection, ConnectionGroup
+    from .._core import ConnectionGroup
 
 AsyncHandler = Callable[["Stream"], Awaitable[object]]
+
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
 
 
 class IncompleteRead(ConnectionClosed):
@@ -34,54 +42,61 @@ class IncompleteRead(ConnectionClosed):
         self.expected = expected
 
 
-class Stream(asyncio.Protocol):
+class Stream(StreamCore):
     """The connection an async handler gets.
 
     ``read()`` returns ``b""`` at EOF, and also once the server starts
     shutting down, so that a handler waiting for input ends as if the client
-    had finished. ``write()`` waits while the peer is not reading.
+    had finished; a read or write waiting on a peer idle for the idle
+    timeout raises :class:`~sockworks.IdleTimeout` (a ``TimeoutError``).
+    ``write()`` waits while the peer is not reading; any number of tasks may
+    write at once, and every one of them wakes when the peer catches up.
     """
 
-    def __init__(self, group: ConnectionGroup, peer: Peer, handler: AsyncHandler) -> None:
-        self.group = group
-        self.peer = peer
-        self.limits = group.limits
-        self.stats = ConnectionStats(peer)
+    __slots__ = ("_buf", "_eof", "_error", "_handler", "_handler_done", "_lost",
+                 "_read_waiter", "_task", "_we_closed")
+
+    # Waiting on the peer only inside a read or a drain: a handler busy with
+    # its own work (a sleep, a database) is not an idle peer.
+    ALWAYS_WAITING = False
+
+    def __init__(self, group: ConnectionGroup, handler: AsyncHandler) -> None:
+        super().__init__(group)
         self._handler = handler
-        self._buf = bytearray()
+        self._buf = LineBuffer(group.limits.max_line)
         self._eof = False
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._read_paused = False
-        self._transport: asyncio.Transport | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._time = group.loop.time
-        self._last_active = 0.0
-        # data_received reads no clock: the idle timer looks every
-        # ``_idle_step`` at whether bytes came in since its last look.
-        self._idle_step = (self.limits.idle_timeout or 0.0) / 20
-        self._idle_seen = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._lost = self._handler_done = self._logged = False
+        self._handler_done = False
+        self._lost = False
+        self._we_closed = False
 
     # -- the handler's API ---------------------------------------------------
 
+    @property
+    def peer(self) -> Peer:
+        return self.stats.peer
+
+    @property
+    def limits(self) -> Limits:
+        return self.group.limits
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.group.shutting_down
+
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at EOF."""
-        if not self._buf:
-            await self._wait_data()
-            if not self._buf:
+        buf = self._buf
+        while not len(buf):
+            if self._error is not None:
+                raise self._error
+            if self._eof:
                 return b""
-        if len(self._buf) <= max_bytes:
-            data = bytes(self._buf)
-            self._buf.clear()
-        else:
-            data = bytes(self._buf[:max_bytes])
-            del self._buf[:max_bytes]
-        self._maybe_resume_reading()
+            await self._wait_data()
+        data = buf.take(max_bytes)
+        self._check_buffer()
         return data
 
     async def read_line(self, *, keep_end: bool = False) -> bytes:
@@ -90,144 +105,110 @@ class Stream(asyncio.Protocol):
         Returns ``b""`` at EOF, or the unterminated rest of the data. Raises
         :class:`LineTooLong` past ``Limits.max_line`` without buffering more.
         """
-        limit = self.limits.max_line
-        scanned = 0
+        buf = self._buf
         while True:
-            nl = self._buf.find(b"\n", scanned)
-            if nl >= 0:
-                break
-            scanned = len(self._buf)
-            if scanned > limit + 1:
-                raise LineTooLong(limit)
+            line = buf.next_line_with_end() if keep_end else buf.next_line()
+            if line is not None:
+                self._check_buffer()
+                return line
+            if self._error is not None and not len(buf):
+                raise self._error
             if self._eof or self._error is not None:
-                if self._error is not None and not self._buf:
-                    raise self._error
-                rest = bytes(self._buf)
-                self._buf.clear()
-                return rest
-            await self._wait_data(force=True)
-        line = bytes(self._buf[: nl + 1])
-        del self._buf[: nl + 1]
-        self._maybe_resume_reading()
-        if not keep_end:
-            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        if len(line) > limit + (2 if keep_end else 0):
-            raise LineTooLong(limit)
-        return line
+                return buf.take_rest()
+            await self._wait_data()
 
     async def read_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or :class:`IncompleteRead` at EOF."""
-        while len(self._buf) < n:
+        buf = self._buf
+        while len(buf) < n:
             if self._eof or self._error is not None:
-                partial = bytes(self._buf)
-                self._buf.clear()
-                raise IncompleteRead(partial, n)
-            await self._wait_data(force=True)
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        self._maybe_resume_reading()
+                raise IncompleteRead(buf.take_rest(), n)
+            await self._wait_data()
+        data = buf.take(n)
+        self._check_buffer()
         return data
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; waits while the peer's buffer is over the limit."""
-        if self._closed or self._transport is None or self._transport.is_closing():
-            raise ConnectionClosed(self.stats.reason or "connection closed")
-        self.stats.bytes_out += len(data)
-        self._transport.write(data)
-        if self._write_paused:
-            await self._wait_drain()
+        check_output_type(data, "Stream.write")
+        self._check_writable("write")
+        self.send(bytes(data))
+        if self.write_paused:
+            await self.drained()
+
+    async def drain(self) -> None:
+        """Wait until the peer has taken what was written (down to the limit)."""
+        await self.drained()
 
     def write_eof(self) -> None:
         """Half-close: the peer sees EOF, and may still send to us."""
-        if self._transport is not None and self._transport.can_write_eof():
-            self._transport.write_eof()
+        self._check_writable("write_eof")
+        self.half_close()
 
     async def close(self) -> None:
         """Flush and close."""
-        self._closed = True
-        if self._transport is not None:
-            self._transport.close()
+        self._we_closed = True
+        self.close_soon()
 
-    @property
-    def shutting_down(self) -> bool:
-        return self.group.shutting_down
+    # -- the core's events -----------------------------------------------------
 
-    # -- asyncio.Protocol ------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio's: no isinstance check.
-        self._transport = cast(asyncio.Transport, transport)
-        self._transport.set_write_buffer_limits(high=self.limits.max_output_buffer)
-        self.stats.opened(self.group, self)
-        if self.limits.idle_timeout is not None:
-            self._last_active = self._time()
-            self._timer = self.group.loop.call_at(
-                self._last_active + self._idle_step, self._check_idle
-            )
-        if self.group.shutting_down:
-            self._eof = True
+    def on_start(self) -> None:
         self._task = self.group.loop.create_task(self._run())
 
+    def on_start_during_shutdown(self) -> None:
+        self._eof = True
+        self.on_start()
+
     def data_received(self, data: bytes) -> None:
-        self.stats.bytes_in += len(data)  # also what the idle timer watches
-        self._buf += data
-        waiter = self._waiter
+        state = self.state
+        if state is not _OPEN and state is not State.LOCAL_DONE:
+            return  # closing: the rest of the input is discarded
+        self.stats.bytes_in += len(data)
+        buf = self._buf
+        buf.feed(data)
+        waiter = self._read_waiter
         if waiter is not None:
-            self._waiter = None
+            self._read_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
         # Bound the read buffer like the write buffer: stop reading from a
         # peer that sends faster than the handler consumes.
-        if len(self._buf) > self.limits.max_output_buffer and not self._read_paused:
-            assert self._transport is not None
-            self._transport.pause_reading()
-            self._read_paused = True
+        if len(buf) > self.group.limits.max_output_buffer:
+            self.hold_reading(True)
 
-    def eof_received(self) -> bool:
+    def on_peer_eof(self) -> None:
         self._eof = True
-        self._wake()
-        return True
+        self._wake_reader()
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
+    def on_idle(self) -> None:
+        self.stats.set_reason("idle timeout")
+        self._error = IdleTimeout("idle timeout")
+        self._wake_reader()
+        self.fail_writers(self._error)
+        self.close_soon("idle timeout")
 
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._last_active = self._time()
-        drain = self._drain
-        if drain is not None:
-            self._drain = None
-            if not drain.done():
-                drain.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if exc is not None:
-            self.stats.set_reason(describe(exc))
-        self._error = self._error or ConnectionClosed(self.stats.reason or "connection closed")
+    def on_shutdown(self) -> None:
+        # Reads return EOF: an idle handler ends on its own, a busy one
+        # finishes its work and may still write.
         self._eof = True
-        self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionClosed(self.stats.reason or "connection closed"))
-        self._drain = None
+        self._wake_reader()
+
+    def on_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._maybe_log_closed()
-
-    # -- the core's Connection interface ---------------------------------
-
-    def begin_shutdown(self) -> None:
+        if exc is not None and self._error is None:
+            self._error = closed_error(self.stats)
         self._eof = True
-        self._wake()
+        self._wake_reader()
+
+    def finished(self) -> None:
+        # Logged once both the handler and the transport are done.
+        if self._handler_done:
+            self.group.closed(self)
 
     def abort(self) -> None:
-        self.stats.set_reason("aborted at the end of the grace period")
+        super().abort()
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        if self._transport is not None:
-            self._transport.abort()
 
     # -- internals -------------------------------------------------------------
 
@@ -242,77 +223,48 @@ class Stream(asyncio.Protocol):
             self.stats.set_reason(describe(exc))
             self.group.log.debug("%s: %s", self.peer, exc)
         except Exception:
-            self.group.log.exception("%s: handler failed", self.peer)
-            self.stats.set_reason("internal error")
+            self.crashed("the handler")
         finally:
             self._handler_done = True
-            if self._transport is not None and not self._transport.is_closing():
-                self._transport.close()
-            self._maybe_log_closed()
+            self.close_soon()
+            if self._lost:
+                self.group.closed(self)
 
-    def _maybe_log_closed(self) -> None:
-        # The close is logged once both the handler and the transport are done.
-        if self._lost and self._handler_done and not self._logged:
-            self._logged = True
-            self.stats.closed(self.group, self)
-
-    async def _wait_data(self, force: bool = False) -> None:
-        if self._error is not None and not self._buf:
-            raise self._error
-        if self._eof:
+    def _check_writable(self, what: str) -> None:
+        state = self.state
+        if state is _OPEN or state is State.PEER_DONE:
             return
-        self._maybe_resume_reading(force)
-        self._waiter = self.group.loop.create_future()
+        if self._we_closed:
+            raise LocalProtocolError(f"{what} after close()")
+        if state is State.LOCAL_DONE:
+            raise LocalProtocolError(f"{what} after write_eof()")
+        raise closed_error(self.stats)
+
+    async def _wait_data(self) -> None:
+        # A reader that needs more than the buffer limit must get it.
+        self.hold_reading(False)
+        waiter: asyncio.Future[None] = self.group.loop.create_future()
+        self._read_waiter = waiter
+        self.begin_wait()
         try:
-            await self._waiter
+            await waiter
         finally:
-            self._waiter = None
-        if self._error is not None and not self._buf and not isinstance(
-            self._error, ConnectionClosed
-        ):
-            raise self._error
+            self.end_wait()
+            self._read_waiter = None
 
-    async def _wait_drain(self) -> None:
-        self._drain = self.group.loop.create_future()
-        await self._drain
-
-    def _wake(self) -> None:
-        waiter = self._waiter
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
         if waiter is not None:
-            self._waiter = None
+            self._read_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _maybe_resume_reading(self, force: bool = False) -> None:
-        if self._read_paused and (force or len(self._buf) <= self.limits.max_output_buffer // 2):
-            self._read_paused = False
-            if self._transport is not None:
-                self._transport.resume_reading()
-
-    def _check_idle(self) -> None:
-        timeout = self.limits.idle_timeout
-        assert timeout is not None
-        now = self._time()
-        if self.stats.bytes_in != self._idle_seen:
-            # Data came in since the last look, at most one step ago: count
-            # from now. Never early, at most one step (timeout / 20) late.
-            self._idle_seen = self.stats.bytes_in
-            self._last_active = now
-        deadline = self._last_active + timeout
-        if now < deadline:
-            self._timer = self.group.loop.call_at(
-                max(min(deadline, now + self._idle_step), now + 0.01), self._check_idle
-            )
-            return
-        self._timer = None
-        self.stats.set_reason("idle timeout")
-        self._error = ConnectionClosed("idle timeout")
-        self._wake()
-        if self._transport is not None:
-            self._transport.close()
+    def _check_buffer(self) -> None:
+        if self._held and len(self._buf) <= self.group.limits.max_output_buffer // 2:
+            self.hold_reading(False)
 
 
-class AsyncHandlerDriver:
+class AsyncHandlerDriver(Driver):
     """Serves an ``async def handle(stream)`` on stream endpoints."""
 
     name = "async"
@@ -320,19 +272,6 @@ class AsyncHandlerDriver:
     def __init__(self, handler: AsyncHandler) -> None:
         self.handler = handler
 
-    def supports(self, endpoint: Endpoint) -> bool:
-        return endpoint.is_stream
-
-    def max_connections(self, limits: Limits) -> int:
-        return limits.max_connections
-
-    def start_stream(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
-        stream = Stream(group, peer, self.handler)
-        task = group.loop.create_task(group.loop.connect_accepted_socket(lambda: stream, sock))
-        task.add_done_callback(report_failed_start)
-
-    def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> Connection:
-        raise NotImplementedError("async handlers serve stream endpoints only")
-
-    def close(self) -> None:
-        pass
+    def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol]:
+        handler = self.handler
+        return lambda: Stream(group, handler)

@@ -2,10 +2,13 @@
 bounded pool of threads.
 
 The event loop still accepts (so limits and shutdown are the core's), then
-hands each socket, in blocking mode, to a worker thread. Sockets carry no
-timeout of their own (that would add a poll() to every recv); instead a
-watchdog on the loop shuts down sockets whose handler has waited in one
-recv or send longer than the idle timeout, which wakes the thread.
+hands each socket, in blocking mode, to a worker thread. The rules are the
+core's (``_core.py``): the service's idle sweep looks at each connection,
+and one that has waited on its peer in a recv or send with no byte moved
+for the idle timeout has its socket shut down, which wakes the thread with
+:class:`~sockworks.IdleTimeout`. Sockets carry no timeout of their own
+(that would add a poll() to every recv); a handler busy computing is not
+waiting on its peer.
 """
 
 from __future__ import annotations
@@ -16,19 +19,25 @@ import logging
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._config import Limits
+from .._core import PEER_GONE, ConnectionStats, Driver, check_output_type, describe
 from .._endpoint import Endpoint
-from .._errors import ConnectionClosed, LineTooLong, RemoteProtocolError
+from .._errors import (
+    ConnectionClosed,
+    IdleTimeout,
+    LineTooLong,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from .._protocol import Peer
 from .._sockets import BoundSocket, format_peer
-from ._common import PEER_GONE, ConnectionStats, DatagramSocket, describe, send_datagram
+from ._common import DatagramSocket, send_datagram
 
 if TYPE_CHECKING:
-    from .._server import ConnectionGroup
+    from .._core import ConnectionGroup
 
 BlockingHandler = Callable[[Any], object]
 
@@ -158,11 +167,11 @@ class BlockingConnection:
         # progress: bumped before and after each call, two counters so that
         # a reader thread and a writer thread never share one. Two integer
         # increments cost less than reading the clock (this is the hot path);
-        # the watchdog notes when it first saw a given state (``_io_seen``).
+        # the idle sweep compares them, with the byte counts, between looks.
         self._reading = 0
         self._writing = 0
-        self._io_seen = (0, 0)
-        self._io_seen_at = 0.0
+        self.idle_seen: object = None
+        self.idle_since = 0.0
         self.timed_out = False
         self._closed = False
 
@@ -176,12 +185,12 @@ class BlockingConnection:
             data = self.sock.recv(bufsize)
         except OSError:
             if self.timed_out:
-                raise TimeoutError("idle timeout") from None
+                raise IdleTimeout("idle timeout") from None
             raise
         finally:
             self._reading += 1
         if not data and self.timed_out:
-            raise TimeoutError("idle timeout")
+            raise IdleTimeout("idle timeout")
         self.stats.bytes_in += len(data)
         return data
 
@@ -191,22 +200,25 @@ class BlockingConnection:
             n = self.sock.recv_into(buffer)
         except OSError:
             if self.timed_out:
-                raise TimeoutError("idle timeout") from None
+                raise IdleTimeout("idle timeout") from None
             raise
         finally:
             self._reading += 1
         if not n and self.timed_out:
-            raise TimeoutError("idle timeout")
+            raise IdleTimeout("idle timeout")
         self.stats.bytes_in += n
         return n
 
     def sendall(self, data: bytes) -> None:
+        if self._closed:
+            raise LocalProtocolError("sendall after close()")
+        check_output_type(data, "BlockingConnection.sendall")
         self._writing += 1
         try:
             self.sock.sendall(data)
         except OSError:
             if self.timed_out:
-                raise TimeoutError("idle timeout") from None
+                raise IdleTimeout("idle timeout") from None
             raise
         finally:
             self._writing += 1
@@ -285,22 +297,22 @@ class BlockingConnection:
         except OSError:
             pass
 
-    def check_idle(self, now: float, timeout: float) -> None:
-        io = (self._reading, self._writing)
-        if not (io[0] & 1 or io[1] & 1):
-            return  # not waiting on the peer
-        if io != self._io_seen:
-            # A call we had not seen: it began before ``now``, so counting
-            # from ``now`` never cuts a peer off early.
-            self._io_seen, self._io_seen_at = io, now
+    def activity(self) -> object:
+        reading, writing = self._reading, self._writing
+        if not (reading & 1 or writing & 1):
+            return None  # not waiting on the peer: busy, or between calls
+        stats = self.stats
+        return (reading, writing, stats.bytes_in, stats.bytes_out)
+
+    def idle_expired(self) -> None:
+        if self.timed_out:
             return
-        if now - self._io_seen_at >= timeout and not self.timed_out:
-            self.timed_out = True
-            self.stats.set_reason("idle timeout")
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.timed_out = True
+        self.stats.set_reason("idle timeout")
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class DatagramConnection:
@@ -385,7 +397,7 @@ class _DatagramEndpoint(DatagramSocket):
         pool.submit(lambda: self.driver.run_datagram(conn, self.group))
 
 
-class BlockingDriver:
+class BlockingDriver(Driver):
     """Serves a blocking ``def handle(conn)`` on any endpoint."""
 
     name = "blocking"
@@ -393,8 +405,6 @@ class BlockingDriver:
     def __init__(self, handler: BlockingHandler) -> None:
         self.handler = handler
         self.pool = _ThreadPool(64, "sockworks-handler")
-        self._conns: set[BlockingConnection] = set()
-        self._watchdog: asyncio.TimerHandle | None = None
 
     def supports(self, endpoint: Endpoint) -> bool:
         return True
@@ -403,14 +413,12 @@ class BlockingDriver:
         self.pool.size = limits.handler_threads
         return min(limits.max_connections, limits.handler_threads)
 
-    def start_stream(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+    def start_socket(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
         sock.setblocking(True)
         conn = BlockingConnection(sock, peer, group)
-        conn.stats.opened(group, conn)
-        self._conns.add(conn)
+        group.opened(conn)
         if group.shutting_down:
             conn.begin_shutdown()
-        self._arm_watchdog(group)
         self.pool.submit(lambda: self._run_stream(conn, group))
 
     def _run_stream(self, conn: BlockingConnection, group: ConnectionGroup) -> None:
@@ -418,27 +426,24 @@ class BlockingDriver:
             self.handler(conn)
         except RemoteProtocolError as exc:
             conn.stats.set_reason(exc.reason)
-        except TimeoutError:
-            conn.stats.set_reason("idle timeout")
         except (ConnectionClosed, *PEER_GONE) as exc:
             conn.stats.set_reason(describe(exc))
             group.log.debug("%s: %s", conn.peer, exc)
+        except LocalProtocolError:
+            group.log.exception("%s: handler error", conn.peer)
+            conn.stats.set_reason("internal error")
         except OSError as exc:
             conn.stats.set_reason(describe(exc))
             group.log.debug("%s: %s", conn.peer, exc)
         except Exception:
-            group.log.exception("%s: handler failed", conn.peer)
+            group.log.exception("%s: handler error", conn.peer)
             conn.stats.set_reason("internal error")
         finally:
             conn.close()
             try:
-                group.loop.call_soon_threadsafe(self._finished, conn, group)
+                group.loop.call_soon_threadsafe(group.closed, conn)
             except RuntimeError:  # the loop is closed: the server is gone
                 pass
-
-    def _finished(self, conn: BlockingConnection, group: ConnectionGroup) -> None:
-        self._conns.discard(conn)
-        conn.stats.closed(group, conn)
 
     def run_datagram(self, conn: DatagramConnection, group: ConnectionGroup) -> None:
         try:
@@ -446,25 +451,7 @@ class BlockingDriver:
         except (RemoteProtocolError, ConnectionClosed) as exc:
             group.log.info("%s: datagram dropped: %s", conn.peer, exc)
         except Exception:
-            group.log.exception("%s: handler failed on a datagram", conn.peer)
-
-    def _arm_watchdog(self, group: ConnectionGroup) -> None:
-        timeout = group.limits.idle_timeout
-        if timeout is None or self._watchdog is not None:
-            return
-        # Checked at a fraction of the timeout: a call is first seen at most
-        # one interval after it began and cut off at most one interval after
-        # its deadline, so a peer is cut off between ``timeout`` and
-        # ``timeout * 1.1`` (at most one second late).
-        interval = min(0.5, timeout / 20)
-
-        def tick() -> None:
-            now = time.monotonic()
-            for conn in list(self._conns):
-                conn.check_idle(now, timeout)
-            self._watchdog = group.loop.call_later(interval, tick) if self._conns else None
-
-        self._watchdog = group.loop.call_later(interval, tick)
+            group.log.exception("%s: handler error on a datagram", conn.peer)
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> _DatagramEndpoint:
         endpoint = _DatagramEndpoint(self, group, bound.sock)
@@ -475,7 +462,4 @@ class BlockingDriver:
         return endpoint
 
     def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
         self.pool.close()

@@ -2,34 +2,32 @@
 
 This is the fast path: no task and no future per connection, one call into
 the protocol per chunk, and a ``bytes`` result written straight to the
-transport.
+transport. :class:`ProtocolConnection` is a thin layer on the one
+connection core (:class:`~sockworks._drivers.stream.StreamCore`): it turns
+the core's events into protocol callbacks and carries out the
+:data:`Output` they return.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from .._config import Limits
+from .._core import CAN_SEND, PEER_GONE, Driver, State, check_output_type, describe
 from .._endpoint import Endpoint
-from .._errors import RemoteProtocolError
+from .._errors import LocalProtocolError, RemoteProtocolError
 from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
 from .._sockets import BoundSocket
-from ._common import (
-    PEER_GONE,
-    ConnectionStats,
-    DatagramSocket,
-    describe,
-    report_failed_start,
-    send_datagram,
-)
+from ._common import DatagramSocket, report_failed_start, send_datagram
+from .stream import StreamCore
 
 if TYPE_CHECKING:
-    from .._server import ConnectionGroup
+    from .._core import ConnectionGroup
 
 StreamFactory = Callable[[], StreamProtocol]
 DatagramFactory = Callable[[], DatagramProtocol]
@@ -44,15 +42,41 @@ _FILE_CHUNK = 256 * 1024
 _SENDFILE_MIN = 64 * 1024
 _HAVE_SENDFILE = hasattr(os, "sendfile")
 
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+
 
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-# How long a closing connection may take to flush when no idle timeout is set.
-_CLOSE_TIMEOUT = 60.0
 
 
-class ProtocolDriver:
+# How a protocol class wants on_connect called, found once per class:
+# 0 not overridden (skipped), 1 with the peer, 2 with the peer and the local
+# address (protocols written before the local address was passed take one).
+_CONNECT_ARITY: dict[type, int] = {}
+
+
+def _connect_arity(proto: StreamProtocol) -> int:
+    cls = type(proto)
+    arity = _CONNECT_ARITY.get(cls)
+    if arity is None:
+        method = cls.on_connect
+        if method is StreamProtocol.on_connect:
+            arity = 0
+        else:
+            params = list(inspect.signature(method).parameters.values())[1:]
+            positional = [
+                p for p in params
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            ]
+            varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+            arity = 2 if varargs or len(positional) >= 2 else 1
+        _CONNECT_ARITY[cls] = arity
+    return arity
+
+
+class ProtocolDriver(Driver):
     """Serves a :class:`StreamProtocol` factory and/or a :class:`DatagramProtocol` factory."""
 
     name = "protocol"
@@ -66,14 +90,11 @@ class ProtocolDriver:
     def supports(self, endpoint: Endpoint) -> bool:
         return (self.stream_factory if endpoint.is_stream else self.datagram_factory) is not None
 
-    def max_connections(self, limits: Limits) -> int:
-        return limits.max_connections
-
-    def start_stream(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
-        assert self.stream_factory is not None
-        conn = StreamConnection(self.stream_factory(), peer, group)
-        task = group.loop.create_task(group.loop.connect_accepted_socket(lambda: conn, sock))
-        task.add_done_callback(report_failed_start)
+    def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
+        factory = self.stream_factory
+        if factory is None:
+            return None  # datagrams only: supports() keeps stream endpoints out
+        return lambda: ProtocolConnection(factory(), group)
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> DatagramEndpoint:
         assert self.datagram_factory is not None
@@ -84,163 +105,142 @@ class ProtocolDriver:
         task.add_done_callback(report_failed_start)
         return endpoint
 
-    def close(self) -> None:
-        pass
 
-
-class StreamConnection(asyncio.Protocol):
+class ProtocolConnection(StreamCore):
     """One connection: feeds the protocol and carries out its replies."""
 
-    def __init__(self, proto: StreamProtocol, peer: Peer, group: ConnectionGroup) -> None:
+    __slots__ = (
+        "_sendfile_wait",
+        "offloading",
+        "pending",
+        "proto",
+        "sending_file",
+        "want_writable",
+    )
+
+    def __init__(self, proto: StreamProtocol, group: ConnectionGroup) -> None:
+        super().__init__(group)
         self.proto = proto
-        self.group = group
-        self.stats = ConnectionStats(peer)
-        self.transport: asyncio.Transport | None = None
-        self.closing = False  # no more protocol callbacks once set
-        self.write_paused = False
         self.want_writable = False
         self.sending_file = False
-        self.pending: list[Reply] = []  # replies queued behind a file transfer
-        self.idle_timeout = group.limits.idle_timeout
-        self._time = group.loop.time
-        self.last_active = 0.0
-        # The data path reads no clock (that costs as much as the rest of
-        # data_received): the idle timer looks every ``_idle_step`` at
-        # whether bytes came in since its last look (``_idle_seen``).
-        self._idle_step = (self.idle_timeout or 0.0) / 20
-        self._idle_seen = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self.offloading = False
+        self.pending: list[Reply] = []  # replies queued behind a file or offloaded work
+        self._sendfile_wait: asyncio.Future[None] | None = None
 
-    # -- asyncio callbacks -------------------------------------------------
+    # -- the core's events, as protocol callbacks ----------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio's: no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=self.group.limits.max_output_buffer)
-        self.stats.opened(self.group, self)
-        if self.idle_timeout is not None:
-            self.last_active = self._time()
-            self.timer = self.group.loop.call_at(
-                self.last_active + self._idle_step, self._check_idle
-            )
-        if self.group.shutting_down:
-            self._run(self.proto.on_shutdown)
-        else:
+    def on_start(self) -> None:
+        arity = _connect_arity(self.proto)
+        if arity == 1:
             self._run(self.proto.on_connect, self.stats.peer)
+        elif arity == 2:
+            t = self.transport
+            assert t is not None
+            local = self.stats.local = Peer.from_address(t.get_extra_info("sockname"))
+            self._run(self.proto.on_connect, self.stats.peer, local)
+
+    def on_start_during_shutdown(self) -> None:
+        self._run(self.proto.on_shutdown)
 
     def data_received(self, data: bytes) -> None:
-        # The hot path: no clock read, no allocation (see _check_idle).
-        if self.closing:
-            return
+        # The hot path: no clock read, no allocation.
+        state = self.state
+        if state is not _OPEN and state is not State.LOCAL_DONE:
+            return  # closing: the rest of the input is discarded
         stats = self.stats
         stats.bytes_in += len(data)
         try:
             out = self.proto.on_data(data)
+            if out.__class__ is bytes and state is _OPEN:
+                if out:
+                    stats.bytes_out += len(out)
+                    self.transport.write(out)  # type: ignore[union-attr]
+            elif out is not None:
+                self._apply(out, "on_data")
         except RemoteProtocolError as exc:
-            self._close(Reply(close=True, reason=exc.reason))
-            return
+            self.close_soon(exc.reason)
         except Exception:
-            self._crashed("on_data")
-            return
-        if out.__class__ is bytes:
-            if out:
-                stats.bytes_out += len(out)
-                self.transport.write(out)  # type: ignore[union-attr]
-        elif out is not None:
-            self._apply(out)
+            self.crashed("on_data")
 
-    def eof_received(self) -> bool:
+    def on_peer_eof(self) -> None:
         self._run(self.proto.on_eof)
-        # True keeps our write side open: a half-closed peer may still read.
-        return True
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        # A peer that does not read stops being read from: memory stays
-        # bounded by the write buffer limit plus one chunk.
-        if self.transport is not None and not self.closing:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.last_active = self._time()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if self.transport is not None and not self.closing and not self.sending_file:
-            self.transport.resume_reading()
+    def on_drained(self) -> None:
         if self.want_writable:
             self.group.loop.call_soon(self._writable)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("connection lost"))
-        if self.timer is not None:
-            self.timer.cancel()
-        if exc is not None:
-            # Some protocols end normally this way (chargen): they say so.
-            gone = getattr(self.proto, "peer_gone_reason", None)
-            self.stats.set_reason(gone if gone and isinstance(exc, PEER_GONE) else describe(exc))
-            log.debug("%s: %r", self.stats.peer, exc)
-        self.stats.closed(self.group, self)
+    def on_idle(self) -> None:
+        if self.sending_file:
+            # Sending a file makes progress every time the peer takes some:
+            # a whole idle period without any means it stopped reading.
+            self.abort_with("peer stopped reading")
+            return
+        self._run(self.proto.on_timeout)
 
-    # -- the core's Connection interface ---------------------------------
-
-    def begin_shutdown(self) -> None:
+    def on_shutdown(self) -> None:
         self._run(self.proto.on_shutdown)
 
-    def abort(self) -> None:
-        self.stats.set_reason("aborted at the end of the grace period")
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
+    def gone_reason(self, exc: Exception) -> str:
+        # Some protocols end normally this way (chargen): they say so.
+        gone = self.proto.peer_gone_reason
+        return gone if gone and isinstance(exc, PEER_GONE) else describe(exc)
+
+    def activity(self) -> object:
+        if self.offloading:
+            return None  # our own work, not the peer, is what we wait for
+        return super().activity()
 
     # -- carrying out replies ------------------------------------------------
 
     def _run(self, callback: Callable[..., Output], *args: object) -> None:
-        if self.closing:
+        state = self.state
+        if state is _CLOSED or state is State.CLOSING:
             return
         try:
-            out = callback(*args)
+            self._apply(callback(*args), callback.__name__)
         except RemoteProtocolError as exc:
-            out = Reply(close=True, reason=exc.reason)
+            self.close_soon(exc.reason)
         except Exception:
-            self._crashed(getattr(callback, "__name__", "callback"))
-            return
-        if out is not None:
-            self._apply(out)
+            self.crashed(callback.__name__)
 
-    def _apply(self, out: Output) -> None:
-        transport = self.transport
-        if transport is None or self.closing:
+    def _apply(self, out: Output, where: str) -> None:
+        """Carry out ``out``; a wrong type or output the state forbids is a
+        LocalProtocolError (the caller logs it as the protocol's bug)."""
+        if out is None or self.state is _CLOSED:
             return
         if out.__class__ is bytes:
-            out = Reply(data=out)
-        assert isinstance(out, Reply)
-        if self.sending_file:
+            if out:
+                self.send(out)
+            return
+        if not isinstance(out, Reply):
+            check_output_type(out, f"{type(self.proto).__name__}.{where}")
+            if out:
+                self.send(bytes(out))
+            return
+        if self.sending_file or self.offloading:
             self.pending.append(out)
             return
+        if out.offload is not None and (out.file or out.close or out.half_close or out.more):
+            raise LocalProtocolError("Reply(offload=...) may only come with data")
         if out.data:
-            self.stats.bytes_out += len(out.data)
-            transport.write(out.data)
+            check_output_type(out.data, f"{type(self.proto).__name__}.{where}")
+            self.send(bytes(out.data))
         if out.file is not None:
             self.sending_file = True
-            transport.pause_reading()
+            self.hold_reading(True)
             self.group.loop.create_task(self._send_file(out))
+            return
+        if out.offload is not None:
+            self._start_offload(out.offload)
             return
         self._finish(out)
 
     def _finish(self, out: Reply) -> None:
-        transport = self.transport
-        assert transport is not None
         if out.close:
-            self._close(out)
+            self.close_soon(out.reason)
             return
-        if out.half_close and transport.can_write_eof():
-            transport.write_eof()
+        if out.half_close:
+            self.half_close()
         if out.more:
             self.want_writable = True
             if not self.write_paused:
@@ -248,39 +248,51 @@ class StreamConnection(asyncio.Protocol):
         else:
             self.want_writable = False
 
-    def _close(self, out: Reply) -> None:
-        self.stats.set_reason(out.reason)
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()  # flushes what is buffered, then closes
-            # A peer that stops reading would hold a closing connection
-            # forever: give the flush one idle timeout, then abort.
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.group.loop.call_later(
-                self.idle_timeout or _CLOSE_TIMEOUT, self._abort_unflushed
-            )
+    def _after_work(self) -> None:
+        """A file or offloaded work is done: read again, then the replies
+        that queued behind it."""
+        if self.state is _CLOSED:
+            return
+        self.hold_reading(False)
+        pending, self.pending = self.pending, []
+        for reply in pending:
+            try:
+                self._apply(reply, "a queued reply")
+            except Exception:
+                self.crashed("a queued reply")
+                return
 
-    def _abort_unflushed(self) -> None:
-        self.stats.set_reason("peer stopped reading")
-        if self.transport is not None:
-            self.transport.abort()
+    def _start_offload(self, work: Callable[[], Output]) -> None:
+        self.offloading = True
+        self.hold_reading(True)
+        self.group.offload(work).add_done_callback(self._offload_done)
+
+    def _offload_done(self, future: asyncio.Future[Output]) -> None:
+        self.offloading = False
+        if self.state is _CLOSED or future.cancelled():
+            return
+        try:
+            self._apply(future.result(), "offloaded work")
+        except RemoteProtocolError as exc:
+            self.close_soon(exc.reason)
+        except Exception:
+            self.crashed("offloaded work")
+        if not self.offloading and not self.sending_file:
+            self._after_work()
 
     def _writable(self) -> None:
-        if self.closing or not self.want_writable or self.write_paused:
+        if self.state is _CLOSED or not self.want_writable or self.write_paused:
             return
         self.want_writable = False
-        self.last_active = self._time()
         self._run(self.proto.on_writable)
 
     async def _send_file(self, out: Reply) -> None:
         """Send a file region: by ``os.sendfile`` when the transport allows
         it (uvloop has no ``loop.sendfile``), else in ``pread`` chunks paced
         by the transport's flow control, so that at most the write buffer
-        limit plus one chunk is in memory."""
+        limit plus one chunk is in memory. Reading is held meanwhile."""
         assert out.file is not None and self.transport is not None
         span = out.file
-        transport = self.transport
         try:
             with open(span.path, "rb") as f:
                 fd = f.fileno()
@@ -291,40 +303,34 @@ class StreamConnection(asyncio.Protocol):
                     sent = await self._sendfile(fd, offset, remaining)
                     offset += sent
                     remaining -= sent
-                    if self.closing:
-                        return
-                while remaining > 0:
-                    if self.closing:
-                        return
+                while remaining > 0 and self.state in CAN_SEND:
                     if self.write_paused:
-                        self._drain_waiter = self.group.loop.create_future()
-                        await self._drain_waiter
+                        await self.drained()
                         continue
                     chunk = os.pread(fd, min(_FILE_CHUNK, remaining), offset)
                     if not chunk:
                         break  # the file shrank under us: send what there was
-                    transport.write(chunk)
-                    self.last_active = self._time()
+                    self.send(chunk)
                     offset += len(chunk)
                     remaining -= len(chunk)
-                    self.stats.bytes_out += len(chunk)
         except ConnectionError:  # lost while waiting for the peer to drain
             return
         except OSError as exc:
             self.group.log.warning("%s: cannot send %s: %s", self.stats.peer, span.path, exc)
-            self._close(Reply(close=True, reason="file error"))
+            self.sending_file = False
+            self.close_soon("file error")
             return
         finally:
-            self._drain_waiter = None
-        self.sending_file = False
-        if self.closing:
+            self.sending_file = False
+        if self.state not in CAN_SEND:
+            return  # aborted meanwhile (the peer left, an idle abort, shutdown)
+        try:
+            self._finish(out)
+        except Exception:
+            self.crashed("a file reply")
             return
-        if not self.write_paused:
-            transport.resume_reading()
-        self._finish(out)
-        pending, self.pending = self.pending, []
-        for reply in pending:
-            self._apply(reply)
+        if not self.offloading:
+            self._after_work()
 
     def _can_sendfile(self) -> bool:
         """Zero-copy is possible: a plain (not TLS) socket transport with
@@ -341,7 +347,7 @@ class StreamConnection(asyncio.Protocol):
     async def _sendfile(self, fd: int, offset: int, count: int) -> int:
         """``os.sendfile`` straight to the socket, waiting for writability
         on a duplicate of its descriptor (the loop refuses watchers on a
-        transport's own). The transport is idle meanwhile: reading paused,
+        transport's own). The transport is idle meanwhile: reading held,
         its write buffer empty, further replies queued. Returns the bytes
         sent; on a peer that went away the connection is aborted."""
         assert self.transport is not None
@@ -349,72 +355,39 @@ class StreamConnection(asyncio.Protocol):
         loop = self.group.loop
         watch = os.dup(sock_fd)
         sent = 0
+        stats = self.stats
         try:
-            while sent < count and not self.closing:
+            while sent < count and self.state in CAN_SEND:
                 try:
                     n = os.sendfile(sock_fd, fd, offset + sent, min(count - sent, 1 << 24))
                 except (BlockingIOError, InterruptedError):
-                    # connection_lost fails this waiter: an abort (shutdown,
-                    # idle timeout) ends the wait, and the duplicate is closed.
-                    ready = self._drain_waiter = loop.create_future()
+                    # Waiting for room counts as waiting on the peer; a lost
+                    # connection (shutdown, idle abort) fails the wait.
+                    ready: asyncio.Future[None] = loop.create_future()
                     loop.add_writer(watch, _wake, ready)
+                    self._sendfile_wait = ready
                     try:
                         await ready
                     finally:
                         loop.remove_writer(watch)
-                        self._drain_waiter = None
+                        self._sendfile_wait = None
                     continue
                 except PEER_GONE as exc:
-                    self.stats.set_reason(describe(exc))
-                    self.closing = True
-                    self.transport.abort()
+                    self.abort_with(describe(exc))
                     break
                 if n == 0:
                     break  # the file shrank under us
                 sent += n
-                self.stats.bytes_out += n
-                self.last_active = self._time()
+                stats.bytes_out += n
         finally:
             os.close(watch)
         return sent
 
-    def _check_idle(self) -> None:
-        assert self.idle_timeout is not None
-        if self.closing:
-            return
-        now = self._time()
-        if self.stats.bytes_in != self._idle_seen:
-            # Data came in since the last look, at most one step ago: count
-            # from now. Never early, at most one step (timeout / 20) late.
-            self._idle_seen = self.stats.bytes_in
-            self.last_active = now
-        deadline = self.last_active + self.idle_timeout
-        if now < deadline:
-            self.timer = self.group.loop.call_at(
-                max(min(deadline, now + self._idle_step), now + 0.01), self._check_idle
-            )
-            return
-        self.timer = None
-        if self.sending_file:
-            # Sending a file makes progress every time the peer takes some:
-            # a whole idle period without any means it stopped reading.
-            # (The protocol's answer would only queue behind the file.)
-            self._abort_unflushed()
-            self.closing = True
-            return
-        self._run(self.proto.on_timeout)
-        if not self.closing:  # the protocol chose to go on: re-arm
-            self.last_active = self._time()
-            self.timer = self.group.loop.call_at(
-                self.last_active + self._idle_step, self._check_idle
-            )
-
-    def _crashed(self, where: str) -> None:
-        self.group.log.exception("%s: protocol error in %s; closing", self.stats.peer, where)
-        self.stats.set_reason("internal error")
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
+    def on_lost(self, exc: Exception | None) -> None:
+        waiter = self._sendfile_wait
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+            waiter.exception()
 
 
 class DatagramEndpoint(DatagramSocket):

@@ -210,21 +210,31 @@ def _redirect_page(url: str) -> bytes:
     ).encode()
 
 
-class GopherProtocol(StreamProtocol):
-    """One Gopher connection. ``host``/``port`` go into menu links."""
+# Written into menus when a client came in over a Unix socket and no
+# --advertise was given: there is no host and port of ours to name.
+UNIX_FALLBACK = ("localhost", 70)
 
-    def __init__(self, site: GopherSite, host: str, port: int) -> None:
+
+class GopherProtocol(StreamProtocol):
+    """One Gopher connection. ``host``/``port`` go into menu links: the
+    site's advertised address, else (from ``on_connect``) the address the
+    client connected to."""
+
+    def __init__(self, site: GopherSite, host: str | None = None, port: int | None = None) -> None:
         self.site = site
         self.root = site.root
-        self.host = host
-        self.port = port
+        advertised = site.advertise or UNIX_FALLBACK
+        self.host = host if host is not None else advertised[0]
+        self.port = port if port is not None else advertised[1]
         self.buffer = LineBuffer(site.max_request)
         self.answered = False
         self._stream: Iterator[bytes] | None = None
 
     # -- the connection ------------------------------------------------------
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
+        if self.site.advertise is None and local is not None and local.host:
+            self.host, self.port = local.host, local.port
         return None
 
     def on_data(self, data: bytes) -> Output:

@@ -1,0 +1,424 @@
+"""The connection engine's interfaces and the rules every handler style shares.
+
+This module is what the server (``_server.py``) and every driver
+(``_drivers/``) import; it imports neither, so there is no cycle. It holds:
+
+* :class:`State` and its transition table: the life of a stream connection
+  as an explicit state machine (h11's ``_state.py`` is the model);
+* :class:`ConnectionStats`: peer, local address, byte counts, close reason;
+* :class:`Connection` and :class:`Driver`: what the core needs from a live
+  connection and from a handler style;
+* :class:`ConnectionGroup`: one service's live connections, its limits, its
+  log lines, and the idle rule, written once for every style.
+
+The idle rule: a connection is idle when it has been *waiting on its peer*
+(for input, or for room to send) for the idle timeout and no byte moved in
+either direction meanwhile. A handler busy with its own work is not waiting
+on the peer. One timer per service looks at every connection every
+timeout / 20, so a silent peer is cut off never early and at most 5 % late,
+and the data path reads no clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from ._access import AccessControl, LogThrottle
+from ._config import Limits, SocketOptions
+from ._endpoint import Endpoint
+from ._errors import ConnectionClosed, IdleTimeout, LocalProtocolError
+from ._protocol import Peer
+from ._sockets import BoundSocket
+
+# Errors that mean "the peer went away": one debug line, never a traceback.
+PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+T = TypeVar("T")
+
+# How long a closing connection may take to flush when no idle timeout is set.
+CLOSE_TIMEOUT = 60.0
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for the close log line."""
+    if isinstance(exc, IdleTimeout):
+        return "idle timeout"
+    if isinstance(exc, ConnectionResetError):
+        return "reset by peer"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+# -- the state machine ---------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where a stream connection is in its life."""
+
+    OPEN = "open"  # bytes may move both ways
+    PEER_DONE = "peer done"  # the peer sent EOF; we may still send
+    LOCAL_DONE = "local done"  # we half-closed; the peer may still send
+    CLOSING = "closing"  # close asked for: flushing output, input discarded
+    CLOSED = "closed"  # the transport is gone (closed, aborted or lost)
+
+
+class Event(enum.Enum):
+    PEER_EOF = "peer EOF"
+    HALF_CLOSE = "half-close"
+    CLOSE = "close"
+    LOST = "lost"
+
+
+_S, _E = State, Event
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (_S.OPEN, _E.PEER_EOF): _S.PEER_DONE,
+    (_S.OPEN, _E.HALF_CLOSE): _S.LOCAL_DONE,
+    (_S.OPEN, _E.CLOSE): _S.CLOSING,
+    (_S.PEER_DONE, _E.HALF_CLOSE): _S.CLOSING,  # nothing left either way
+    (_S.PEER_DONE, _E.CLOSE): _S.CLOSING,
+    (_S.LOCAL_DONE, _E.PEER_EOF): _S.CLOSING,
+    (_S.LOCAL_DONE, _E.CLOSE): _S.CLOSING,
+    # A peer's EOF or our own close once closing changes nothing.
+    (_S.CLOSING, _E.PEER_EOF): _S.CLOSING,
+    (_S.CLOSING, _E.CLOSE): _S.CLOSING,
+    (_S.CLOSED, _E.PEER_EOF): _S.CLOSED,
+    (_S.CLOSED, _E.CLOSE): _S.CLOSED,
+}
+for _state in State:
+    TRANSITIONS[_state, _E.LOST] = _S.CLOSED
+
+# States in which our side may still send, and the peer's bytes are wanted.
+CAN_SEND = frozenset({State.OPEN, State.PEER_DONE})
+CAN_RECEIVE = frozenset({State.OPEN, State.LOCAL_DONE})
+
+
+def next_state(state: State, event: Event) -> State:
+    """The state after ``event``; a local action the state forbids (sending
+    a half-close twice, half-closing a closed connection) is a
+    :class:`LocalProtocolError`."""
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        raise LocalProtocolError(
+            f"cannot {event.value} a connection that is {state.value}"
+        ) from None
+
+
+def check_can_send(state: State, what: str = "send") -> None:
+    if state not in CAN_SEND:
+        raise LocalProtocolError(f"cannot {what}: the connection is {state.value}")
+
+
+def check_output_type(data: object, where: str) -> None:
+    """Output must be bytes-like: a str is the classic mistake."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise LocalProtocolError(
+            f"{where}: expected bytes, got {type(data).__name__}"
+            + (" (encode it first)" if isinstance(data, str) else "")
+        )
+
+
+# -- what every connection has -------------------------------------------------
+
+
+class ConnectionStats:
+    """Peer, local address, start time, byte counters and the close reason."""
+
+    __slots__ = ("bytes_in", "bytes_out", "local", "peer", "reason", "started")
+
+    def __init__(self, peer: Peer, local: Peer | None = None) -> None:
+        self.peer = peer
+        self.local = local
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.reason: str | None = None
+
+    def set_reason(self, reason: str | None) -> None:
+        """Keep the first reason given: it is the cause, later ones follow it."""
+        if reason and self.reason is None:
+            self.reason = reason
+
+
+class Connection(Protocol):
+    """What the core needs from a live connection of any style."""
+
+    stats: ConnectionStats
+    # The idle rule's bookkeeping, kept on the connection (no dict per
+    # connection in the group): what ``activity()`` said at the last look,
+    # and when that changed.
+    idle_seen: object
+    idle_since: float
+
+    def activity(self) -> object:
+        """Anything that changes whenever a byte moves or a wait on the peer
+        begins or ends; ``None`` while the handler is not waiting on the peer
+        (busy with its own work), which is never idle."""
+        ...
+
+    def idle_expired(self) -> None:
+        """The idle rule says this connection is idle: end it."""
+        ...
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: finish what is in flight, then close."""
+        ...
+
+    def abort(self) -> None:
+        """The grace period is over: drop the connection now."""
+        ...
+
+
+class Stoppable(Protocol):
+    """A datagram endpoint: told when the server stops, aborted at the end."""
+
+    def begin_shutdown(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Startable(Protocol):
+    """A connection accepted while the service was full, started later."""
+
+    def start(self) -> None: ...
+
+
+class Pausable(Protocol):
+    """A listener the group stops and restarts around ``max_connections``."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class Driver:
+    """Runs one handler style on the event loop (see ``_drivers``): the
+    interface every driver declares by subclassing.
+
+    A driver whose connections are asyncio protocols returns a factory from
+    :meth:`connection_factory`, and the listener attaches each one to a
+    transport (the fast accept path: the loop's own C code accepts, with no
+    task and no coroutine per connection); a driver that needs the socket
+    itself (the blocking style) returns ``None`` there and gets each
+    accepted socket through :meth:`start_socket`.
+    """
+
+    name = "driver"
+
+    def supports(self, endpoint: Endpoint) -> bool:
+        return endpoint.is_stream
+
+    def max_connections(self, limits: Limits) -> int:
+        return limits.max_connections
+
+    def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
+        return None
+
+    def start_socket(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+        raise NotImplementedError(f"the {self.name} driver takes transports, not sockets")
+
+    def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> Stoppable:
+        raise NotImplementedError(f"the {self.name} driver serves stream endpoints only")
+
+    def close(self) -> None:
+        """The server is done with this driver."""
+
+
+# -- one service's connections -------------------------------------------------
+
+
+class ConnectionGroup:
+    """The live connections of one service, its limits, and its logger.
+
+    Connections call :meth:`opened` when they start and :meth:`closed` when
+    they end; the group logs both, pauses and resumes accepting around
+    ``max_connections``, releases access-control counts, and runs the idle
+    rule for all of them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        driver: Driver,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        limits: Limits | None = None,
+        options: SocketOptions | None = None,
+        access: AccessControl | None = None,
+    ) -> None:
+        self.name = name
+        self.driver = driver
+        self.loop = loop
+        self.limits = limits or Limits()
+        self.options = options or SocketOptions()
+        self.access = access
+        self.log = logging.getLogger(f"sockworks.{name}")
+        self.live: set[Connection] = set()
+        self.max_connections = driver.max_connections(self.limits)
+        self.shutting_down = False
+        self.listeners: list[Pausable] = []
+        # Options the accepted socket does not inherit from the listener, or
+        # that the loop resets (uvloop turns TCP_NODELAY on): set per accept.
+        o = self.options
+        self.options_on_accept = not o.nodelay or bool(
+            o.keepalive or o.linger is not None or o.rcvbuf or o.sndbuf
+        )
+        self._held: deque[Startable] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._refusals = LogThrottle(loop.time)
+        self._sweeper: asyncio.TimerHandle | None = None
+        timeout = self.limits.idle_timeout
+        self._idle_step = timeout / 20 if timeout else 0.0
+
+    # -- admission and logging --------------------------------------------
+
+    def admit(self, peer: Peer) -> bool:
+        """Ask the access policy; a refused peer is logged. True: go on."""
+        access = self.access
+        if access is None:
+            return True
+        refused = access.admit_connection(peer.host)
+        if refused is None:
+            return True
+        self.refused(peer, refused)
+        return False
+
+    def refused(self, peer: Peer, reason: str, *, datagram: bool = False) -> None:
+        """Log a refused connection (one INFO line each) or a dropped
+        datagram (at most one line a second per source and reason)."""
+        if not datagram:
+            self.log.info("%s refused: %s", peer, reason)
+            return
+        suppressed = self._refusals.check(f"{peer.host}|{reason}")
+        if suppressed is not None:
+            more = f" (and {suppressed} more like it)" if suppressed else ""
+            self.log.info("%s datagram dropped: %s%s", peer, reason, more)
+
+    def opened(self, conn: Connection) -> None:
+        """``conn`` was admitted and starts now."""
+        self.live.add(conn)
+        self._idle.clear()
+        self.log.info("%s connected", conn.stats.peer)
+        if len(self.live) >= self.max_connections:
+            for listener in self.listeners:
+                listener.pause()
+        conn.idle_seen = None
+        conn.idle_since = self.loop.time()
+        if self._sweeper is None and self._idle_step:
+            self._sweeper = self.loop.call_later(self._idle_step, self._sweep)
+
+    def closed(self, conn: Connection) -> None:
+        """``conn`` ended: release it and write its closing log line."""
+        if conn not in self.live:
+            return
+        self.live.discard(conn)
+        stats = conn.stats
+        if self.access is not None:
+            self.access.release_connection(stats.peer.host)
+        why = f" ({stats.reason})" if stats.reason else ""
+        self.log.info(
+            "%s closed after %.3f s, %d B in, %d B out%s",
+            stats.peer,
+            time.monotonic() - stats.started,
+            stats.bytes_in,
+            stats.bytes_out,
+            why,
+        )
+        held = self._held
+        while held and len(self.live) < self.max_connections:
+            held.popleft().start()
+        if not self.live:
+            self._idle.set()
+        if len(self.live) < self.max_connections and not self.shutting_down and not held:
+            for listener in self.listeners:
+                listener.resume()
+
+    def hold(self, conn: Startable) -> None:
+        """Keep ``conn`` (accepted over the limit) until a slot frees."""
+        self._held.append(conn)
+        self._idle.clear()
+        for listener in self.listeners:
+            listener.pause()
+
+    def unhold(self, conn: Startable) -> None:
+        """A held connection went away before it started."""
+        try:
+            self._held.remove(conn)
+        except ValueError:
+            return
+        if not self.live and not self._held:
+            self._idle.set()
+
+    def start_held_for_shutdown(self) -> None:
+        """Shutting down: held connections start, to be told at once."""
+        while self._held:
+            self._held.popleft().start()
+
+    def offload(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``work`` on the service's worker threads (created on first
+        use): searches and listings too slow for the event loop."""
+        if self._executor is None:
+            # A few threads: the work is disk and CPU bound, and a request's
+            # budget bounds each job; more threads would only contend.
+            self._executor = ThreadPoolExecutor(4, thread_name_prefix=f"sockworks-{self.name}")
+        return self.loop.run_in_executor(self._executor, work)
+
+    @property
+    def full(self) -> bool:
+        return len(self.live) >= self.max_connections
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # -- the idle rule, once for every style -------------------------------
+
+    def _sweep(self) -> None:
+        timeout = self.limits.idle_timeout
+        assert timeout is not None
+        now = self.loop.time()
+        expired: list[Connection] = []
+        for conn in self.live:
+            seen = conn.activity()
+            if seen is None or seen != conn.idle_seen:
+                # Something moved, or a wait began or ended, since the last
+                # look (at most one step ago): count from now. Never early,
+                # at most one step (timeout / 20) late.
+                conn.idle_seen = seen
+                conn.idle_since = now
+            elif now - conn.idle_since >= timeout:
+                conn.idle_since = now  # once per timeout, if it goes on
+                expired.append(conn)
+        for conn in expired:
+            conn.idle_expired()
+        self._sweeper = (
+            self.loop.call_later(self._idle_step, self._sweep) if self.live else None
+        )
+
+    def stop(self) -> None:
+        """The server is done with this group."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def closed_error(stats: ConnectionStats) -> ConnectionClosed:
+    """The error a handler's I/O raises on a connection that is gone."""
+    if stats.reason == "idle timeout":
+        return IdleTimeout("idle timeout")
+    return ConnectionClosed(stats.reason or "connection closed")
