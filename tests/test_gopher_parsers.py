@@ -10,16 +10,18 @@ from hypothesis import strategies as st
 from sockworks import UsageError
 from sockworks.gopher.gophermap import parse_gophermap
 from sockworks.gopher.items import (
+    KINDS,
     DotStuffer,
     Item,
     format_menu,
+    guess_type,
     looks_like_menu,
     parse_menu,
     sanitize,
     stuff_text,
     unstuff_text,
 )
-from sockworks.gopher.requests import BadRequest, parse_request, selector_parts
+from sockworks.gopher.requests import BadRequest, parse_request, selector_parts, split_query
 from sockworks.gopher.url import Location, parse_target, parse_url
 
 MENU = (
@@ -167,3 +169,98 @@ NO_TAB = st.text(
 def test_url_round_trip(selector: str, type_: str, query: str | None) -> None:
     loc = Location("example.org", 7070, "/" + selector.lstrip("/"), type_, query)
     assert parse_url(loc.url()) == loc
+
+
+# -- raw bytes into every parser -----------------------------------------------
+# Clients send bytes, not text: every parser is fed what hypothesis draws
+# with binary(), and pieces that steer it into each branch.
+
+INTERESTING = st.sampled_from([
+    b"", b"/", b"URL:", b"/.search", b"/.search/", b"/.search?", b"caps.txt", b"%", b"%2e",
+    b"%25", b"%ff", b"%c0%ae", b"\xff", b"\xc0\xae", b"\xed\xa0\x80", b"\t", b"\t+", b"?", b"..",
+    b"//", b"\\", b"~", b"C:", b"\r", b"\x7f", b"\xe2\x80\xa8",
+])
+RAW = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.one_of(INTERESTING, st.binary(max_size=8)), max_size=12).map(b"".join),
+)
+
+
+@settings(max_examples=300)
+@given(RAW)
+def test_request_parsers_take_any_bytes(raw: bytes) -> None:
+    """parse_request, split_query and selector_parts: a value or BadRequest."""
+    try:
+        request = parse_request(raw)
+    except BadRequest:
+        assert b"\x00" in raw
+        return
+    path, query = split_query(request.selector)
+    assert query is None or path + "?" + query == request.selector
+    try:
+        parts = selector_parts(request.selector)
+    except BadRequest as exc:
+        assert exc.reason
+        return
+    # What passes names components that can be encoded back to the bytes sent.
+    for part in parts:
+        assert part.encode("utf-8", "surrogateescape") in raw
+
+
+@pytest.mark.parametrize(
+    "raw", [b"/\xff%41", b"\xff%2e%2e", b"/%ff%41", b"/a\xff/%2e%2e", b"%\xff", b"/\xed\xa0\x80%41"]
+)
+def test_selector_parts_with_bytes_that_are_not_utf8(raw: bytes) -> None:
+    selector = parse_request(raw).selector
+    try:
+        selector_parts(selector)
+    except BadRequest:
+        pass  # refused is fine; an UnicodeEncodeError was the bug
+
+
+@given(st.binary(max_size=64), st.one_of(st.none(), st.binary(max_size=600)))
+def test_guess_type_takes_any_name_and_head(name: bytes, head: bytes | None) -> None:
+    kind = guess_type(name.decode("utf-8", "surrogateescape"), head)
+    assert kind in KINDS and len(kind) == 1
+
+
+@given(st.binary(max_size=2000))
+def test_menu_helpers_take_any_bytes(data: bytes) -> None:
+    looks_like_menu(data)
+    out = unstuff_text(data)
+    assert b"\r\n" not in out
+    for item in parse_menu(data):
+        # What was parsed can be written back as one menu line.
+        line = Item(item.type, item.display, item.selector.replace("\t", " ")).to_bytes()
+        assert line.endswith(b"\r\n") and line.count(b"\r\n") == 1
+
+
+@given(st.binary(max_size=2000))
+def test_gophermap_lines_are_writable_menu_lines(data: bytes) -> None:
+    gmap = parse_gophermap(data)
+    for line in gmap.lines:
+        assert len(line.type) == 1 and (line.type in "i*" or 0x21 <= ord(line.type) <= 0x7E)
+        assert line.port is None or 1 <= line.port <= 65535
+
+
+def test_gophermap_bad_types_and_ports() -> None:
+    gmap = parse_gophermap(
+        b"\xff not a type\t/x\n\x01ctl\t/y\n0ok\t/z\th\t99999999\n0big\t/b\th\t000001000000\n"
+        b"0fine\t/f\th\t7071\n"
+    )
+    assert [(m.display, m.port) for m in gmap.lines] == [("ok", None), ("big", None),
+                                                         ("fine", 7071)]
+
+
+@given(st.binary(max_size=200), st.one_of(st.none(), st.binary(max_size=100)))
+def test_url_parsers_take_any_bytes(raw: bytes, selector: bytes | None) -> None:
+    """What a person types or a menu holds: a Location or a UsageError."""
+    for text in (raw.decode("latin-1"), raw.decode("utf-8", "surrogateescape"),
+                 "gopher://" + raw.decode("latin-1")):
+        for parse in (parse_url, lambda t: parse_target(
+                t, None if selector is None else selector.decode("utf-8", "surrogateescape"))):
+            try:
+                loc = parse(text)
+            except UsageError:
+                continue
+            assert 0 <= loc.port <= 65535
