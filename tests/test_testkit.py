@@ -156,6 +156,37 @@ def test_executor_work_is_not_jumped_over() -> None:
         loop.close()
 
 
+def test_real_time_block_covers_threads_the_loop_does_not_know() -> None:
+    selector = _ReleasingSelector()
+    loop = VirtualClockLoop(selector)
+
+    async def main() -> list[str]:
+        order: list[str] = []
+        loop.call_later(3600, order.append, "timer")
+        done: asyncio.Future[str] = loop.create_future()
+
+        def outside() -> None:
+            assert selector.release.wait(30)
+            loop.call_soon_threadsafe(done.set_result, "thread")
+
+        thread = threading.Thread(target=outside)
+        thread.start()
+        try:
+            with loop.real_time():
+                selector.armed = True
+                order.append(await done)
+        finally:
+            thread.join()
+        assert loop.time() < 60
+        await asyncio.sleep(3600)
+        return order
+
+    try:
+        assert loop.run_until_complete(main()) == ["thread", "timer"]
+    finally:
+        loop.close()
+
+
 def test_nothing_scheduled_blocks_on_the_real_selector_without_moving_time() -> None:
     async def main() -> float:
         loop = vloop()
@@ -603,6 +634,26 @@ def test_paused_reading_queues_data_and_eof() -> None:
         await peer.wait_closed()
         assert proto.events[-2:] == ["eof", ("lost", None)]
         transport.resume_reading()  # closed: harmless
+
+    run_virtual(main())
+
+
+def test_pause_reading_holds_back_data_already_on_its_way() -> None:
+    class PausedFromStart(Recorder):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()
+
+    async def main() -> None:
+        proto = PausedFromStart(echo=False)
+        transport, peer = connect(proto)
+        peer.send(b"early")  # its delivery is queued behind connection_made
+        await vloop().wait_idle()
+        assert proto.events == ["made"]
+        transport.resume_reading()
+        await vloop().wait_idle()
+        assert proto.events == ["made", ("data", b"early")]
 
     run_virtual(main())
 

@@ -20,7 +20,15 @@ executor future is pending the loop therefore does not jump: the virtual
 clock follows the real one (it waits for real on the selector, then adds
 the real time waited, never more than the wait asked for). ``with
 loop.real_time():`` does the same around any other outside work (a
-subprocess, a peer in another thread).
+subprocess, a peer in another thread). Threads the loop does not know of
+(a plain ``threading.Thread`` calling ``call_soon_threadsafe``, a real
+remote peer) can be jumped over, exactly as with Trio's autojump: wrap the
+wait in ``real_time()``.
+
+With ``autojump`` off the clock moves only by ``advance()``, executor work
+or not. ``await loop.wait_idle()`` returns when the loop has nothing left to
+do but wait (just before it would jump): the signal a test awaits instead of
+sleeping, like Trio's ``wait_all_tasks_blocked``.
 """
 
 from __future__ import annotations
