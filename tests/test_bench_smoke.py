@@ -1,5 +1,6 @@
-"""The echo benchmark harness works end to end (its quickest mode, one
-contender). Timings are not checked: they never decide a test."""
+"""The benchmark harnesses work end to end: echo_bench and paths_bench in
+their quickest modes, on one contender or one path. Timings are not
+checked: they never decide a test."""
 
 from __future__ import annotations
 
@@ -61,4 +62,57 @@ def test_list_names_every_contender() -> None:
     assert proc.returncode == 0, proc.stderr
     for name in ("sockworks-protocol", "sockworks-async", "sockworks-blocking",
                  "uvloop-protocol", "uvloop-streams", "socketserver", "c-epoll"):
+        assert name in proc.stdout
+
+
+PATHS_BENCH = ROOT / "benchmarks" / "paths_bench.py"
+
+
+@pytest.mark.timeout(60)
+def test_paths_quick_run_measures_connect(tmp_path: Path) -> None:
+    """paths_bench --quick, the ``connect`` path only: sockworks ``thanks``
+    and the raw uvloop Protocol, one short round, the target row present."""
+    _require(
+        shutil.which("gcc") is not None or shutil.which("cc") is not None,
+        "gcc is not installed (apt-get install gcc): the benchmark compiles its C load generators",
+    )
+    sources = [ROOT.parent / "shared" / "bench", Path(os.environ.get("SOCKWORKS_BENCH_SRC", "-"))]
+    _require(
+        any((s / "connload.c").is_file() for s in sources),
+        "shared/bench/connload.c is not beside the repository",
+    )
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(PATHS_BENCH), "--quick", "--duration", "0.2", "--only", "connect",
+         "--skip", "sockworks-thanks-logging", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| sockworks-thanks " in proc.stdout
+    assert "| uvloop-thanks " in proc.stdout
+    assert "sockworks-thanks / uvloop-thanks >= 0.8" in proc.stdout  # the target row
+    results = json.loads(out.read_text())
+    connect = results["paths"]["connect"]
+    assert not connect["failed"], connect["failed"]
+    assert connect["skipped"] == {"sockworks-thanks-logging": "left out (--skip)"}
+    for name in ("sockworks-thanks", "uvloop-thanks"):
+        (measured,) = connect["results"][name].values()
+        assert measured["rate"] > 0
+        assert measured["errors"] == 0
+    (target,) = results["targets"]
+    assert target["ratio"] is not None
+    assert target["result"] in ("PASS", "MISS")
+
+
+def test_paths_list_names_every_path() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(PATHS_BENCH), "--list"], capture_output=True, text=True, timeout=20
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("connect:", "udp:", "gopher:", "echo:", "idle:", "sockworks-thanks",
+                 "uvloop-thanks", "sockworks-udp-echo", "uvloop-udp-echo", "sockworks-gopher",
+                 "nginx-http", "gophernicus-tcpserver", "sockworks-echo-idle"):
         assert name in proc.stdout
