@@ -74,7 +74,7 @@ class SearchLimits:
 
     ``max_work`` bounds what the files and bytes limits cannot: a query of
     many words costs words x bytes (each word is looked for in each file's
-    text), so 1,000 words over 5 MiB is as much work as 4 words over 1 GiB.
+    text), so 1,000 words over 5 MiB is as much work as 5 words over 1 GiB.
     Work is counted in characters scanned: each file costs 2 per byte
     (decoding and case-folding), each word the characters it scanned to be
     found (the whole text when it is missing), each directory entry
