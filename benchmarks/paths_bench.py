@@ -262,8 +262,9 @@ CONNECT = (
          missing=_modules("sockworks", "uvloop"), informational=True),
 )
 UDP = (
-    Peer("sockworks-udp-echo", "sockworks serve echo -l udp:… --udp-rate off -q",
-         _sockworks("echo", "-q", "-l", f"udp:{HOST}:0", "--udp-rate", "off"),
+    # No -q: the UDP path logs nothing per datagram at the default level.
+    Peer("sockworks-udp-echo", "sockworks serve echo -l udp:… --udp-rate off",
+         _sockworks("echo", "-l", f"udp:{HOST}:0", "--udp-rate", "off"),
          missing=_modules("sockworks", "uvloop")),
     Peer("uvloop-udp-echo", "raw uvloop datagram endpoint echo",
          _script("uvloop_raw.py", "udp-echo"), missing=_modules("uvloop")),
@@ -617,7 +618,7 @@ def path_report(path: str, args: argparse.Namespace, peers: Sequence[Peer],
                   "per operation, µs:", "",
                   table(["contender", *(f"{x}" for x in labels),
                          *(f"cpu µs {x}" if len(labels) > 1 else "cpu µs/op" for x in labels),
-                         "errors"],
+                         "lost" if path == "udp" else "errors"],
                         [[p.name + (" (info)" if p.informational else ""),
                           *(rps_label(results[p.name][x].rate) if x in results[p.name]
                             else "-" for x in labels),
@@ -797,6 +798,9 @@ def run(args: argparse.Namespace) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rounds": args.rounds,
             "duration": args.duration,
+            "options": {"procs": args.procs, "udp_sockets": args.udp_sockets,
+                        "udp_size": args.udp_size, "idle_conns": args.idle_conns,
+                        "server_cpu": server_cpu, "load_cpu": load_cpu, "nice": args.nice},
             "paths": {
                 path: {
                     "results": {name: {label: dataclasses.asdict(s) for label, s in got.items()}
