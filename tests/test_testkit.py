@@ -147,11 +147,15 @@ def test_executor_work_is_not_jumped_over() -> None:
         assert loop.time() == 3600
         # asyncio.to_thread goes through run_in_executor too.
         order.append(await asyncio.to_thread(lambda: "to_thread"))
+        # Joining the executor's threads happens in another thread: it is
+        # real work too (asyncio.Runner puts a 300 s timeout on it).
+        late = loop.call_later(300, order.append, "late")
+        await loop.shutdown_default_executor()
+        late.cancel()
         return order
 
     try:
         assert loop.run_until_complete(main()) == ["thread", "timer", "to_thread"]
-        loop.run_until_complete(loop.shutdown_default_executor())
     finally:
         loop.close()
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Executor
@@ -211,6 +212,20 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         # between the thread finishing and its result being seen.
         fut.add_done_callback(self._real_work_done)
         return fut
+
+    # Shutting the default executor down joins its threads in another thread
+    # (under a 300 s timeout from asyncio.Runner since 3.12): real work too.
+    if sys.version_info >= (3, 12):
+
+        async def shutdown_default_executor(self, timeout: float | None = None) -> None:
+            with self.real_time():
+                await super().shutdown_default_executor(timeout)
+
+    else:
+
+        async def shutdown_default_executor(self) -> None:
+            with self.real_time():
+                await super().shutdown_default_executor()
 
     def _real_work_done(self, _fut: asyncio.Future[Any]) -> None:
         self._real_work -= 1
