@@ -377,9 +377,21 @@ def measure(ctx: Context, path: str, peer: Peer, server: RunningServer, load: in
     return Sample(r.rps, r.errors, r.cpu_us, {"p50_us": r.p50_us, "p99_us": r.p99_us})
 
 
-def probe(peer: Peer, port: int) -> None:
+def probe(path: str, peer: Peer, port: int) -> None:
     """One request as the load sends it; the response must hold what the
     peer is expected to serve (a misconfigured peer is not measured)."""
+    if path == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.connect((HOST, port))
+            for _ in range(5):
+                s.send(b"probe")
+                try:
+                    if s.recv(65536) == b"probe":
+                        return
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
+        raise HarnessError(f"{peer.name} did not echo a datagram in 5 tries")
     if peer.expect is None:
         return
     with socket.create_connection((HOST, port), timeout=10) as s:
@@ -429,7 +441,7 @@ def run_rate_path(ctx: Context, path: str, peers: Sequence[Peer], out: Outcome) 
             server = None
             try:
                 server = start(ctx, peer)
-                probe(peer, server.port)
+                probe(path, peer, server.port)
             except (HarnessError, OSError) as exc:
                 if server is not None:
                     server.stop()
