@@ -228,7 +228,7 @@ def test_guess_type_takes_any_name_and_head(name: bytes, head: bytes | None) -> 
 def test_menu_helpers_take_any_bytes(data: bytes) -> None:
     looks_like_menu(data)
     out = unstuff_text(data)
-    assert b"\r\n" not in out
+    assert out == b"" or out.endswith(b"\n")
     for item in parse_menu(data):
         # What was parsed can be written back as one menu line.
         line = Item(item.type, item.display, item.selector.replace("\t", " ")).to_bytes()
