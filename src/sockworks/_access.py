@@ -210,6 +210,9 @@ class AccessControl:
             TokenBucket(policy.cps, max(1.0, policy.cps), clock()) if policy.cps else None
         )
         self._udp: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._source_verdicts: dict[str, str | None] = {}
+        # Whether replies are size-checked at all (the amplification guard).
+        self.reply_limited = policy.max_amplification is not None
 
     # -- connections ----------------------------------------------------
 
@@ -249,18 +252,19 @@ class AccessControl:
         p = self.policy
         if self.max_datagram is not None and size > self.max_datagram:
             return f"oversize datagram ({size} B > {self.max_datagram} B)"
-        if host:
-            if port in self.drop_ports:
-                return f"source port {port} is a service port (loop prevention)"
-            if p.drop_broadcast:
-                addr = parse_address(host)
-                if addr is not None and (
-                    addr.is_multicast
-                    or addr.is_unspecified
-                    or addr == ipaddress.IPv4Address("255.255.255.255")
-                ):
-                    return "broadcast/multicast/unspecified source"
-        refused = p.decide(host)
+        if host and port in self.drop_ports:
+            return f"source port {port} is a service port (loop prevention)"
+        # What depends on the address alone (allow/deny, forged broadcast
+        # sources) is decided once per source and remembered: parsing an
+        # address costs more than answering an echo.
+        verdicts = self._source_verdicts
+        try:
+            refused = verdicts[host]
+        except KeyError:
+            refused = self._source_verdict(host)
+            if len(verdicts) >= p.max_sources:
+                verdicts.clear()
+            verdicts[host] = refused
         if refused is not None:
             return refused
         if p.udp_rate is not None and host:
@@ -275,6 +279,18 @@ class AccessControl:
             if not bucket.take(now):
                 return f"source over {p.udp_rate:g} datagrams/s"
         return None
+
+    def _source_verdict(self, host: str) -> str | None:
+        p = self.policy
+        if host and p.drop_broadcast:
+            addr = parse_address(host)
+            if addr is not None and (
+                addr.is_multicast
+                or addr.is_unspecified
+                or addr == ipaddress.IPv4Address("255.255.255.255")
+            ):
+                return "broadcast/multicast/unspecified source"
+        return p.decide(host)
 
     def check_reply(self, request_size: int, reply_size: int) -> str | None:
         """None if the reply may go out, else why it is dropped."""

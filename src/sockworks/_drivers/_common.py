@@ -29,6 +29,10 @@ def send_datagram(
         log.debug("cannot send an empty datagram to %r: %s", addr, exc)
 
 
+# Senders whose Peer is kept between datagrams.
+_PEER_CACHE = 4096
+
+
 class DatagramSocket(asyncio.DatagramProtocol):
     """What both drivers' datagram endpoints share: the transport, the
     access check on arrival, error logging and the shutdown interface."""
@@ -37,6 +41,13 @@ class DatagramSocket(asyncio.DatagramProtocol):
         self.group = group
         self.sock = sock  # for empty replies: see send_datagram
         self.transport: asyncio.DatagramTransport | None = None
+        # The Peer of each recent sender: a datagram from a known source
+        # allocates nothing here. Bounded: cleared when full (a flood of
+        # forged sources costs one dict, never unbounded memory).
+        self._peers: dict[Any, Peer] = {}
+        # Per-datagram debug lines cost a call each even when not written:
+        # decided once (``-v`` is set before the server starts).
+        self.debug = group.log.isEnabledFor(logging.DEBUG)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's: no isinstance check.
@@ -44,7 +55,12 @@ class DatagramSocket(asyncio.DatagramProtocol):
 
     def admit(self, data: bytes, addr: Any) -> Peer | None:
         """The sender, or None when the access policy drops the datagram."""
-        peer = Peer.from_address(addr)
+        peers = self._peers
+        peer = peers.get(addr)
+        if peer is None:
+            if len(peers) >= _PEER_CACHE:
+                peers.clear()
+            peer = peers[addr] = Peer.from_address(addr)
         access = self.group.access
         if access is not None:
             refused = access.admit_datagram(peer.host, peer.port, len(data))

@@ -57,7 +57,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 _CONNECT_ARITY: dict[type, int] = {}
 
 
-def _connect_arity(proto: StreamProtocol) -> int:
+def connect_arity(proto: StreamProtocol) -> int:
     cls = type(proto)
     arity = _CONNECT_ARITY.get(cls)
     if arity is None:
@@ -130,7 +130,7 @@ class ProtocolConnection(StreamCore):
     # -- the core's events, as protocol callbacks ----------------------------
 
     def on_start(self) -> None:
-        arity = _connect_arity(self.proto)
+        arity = connect_arity(self.proto)
         if arity == 1:
             self._run(self.proto.on_connect, self.stats.peer)
         elif arity == 2:
@@ -400,26 +400,36 @@ class DatagramEndpoint(DatagramSocket):
         self.proto = proto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        # The hot path: a known sender costs dict lookups, no allocation
+        # beyond what the protocol makes (see DatagramSocket.admit).
         peer = self.admit(data, addr)
         if peer is None:
             return
-        access = self.group.access
+        group = self.group
         try:
             reply = self.proto.on_datagram(data, peer)
         except RemoteProtocolError as exc:
-            self.group.refused(peer, exc.reason, datagram=True)
+            group.refused(peer, exc.reason, datagram=True)
             return
         except Exception:
-            self.group.log.exception("%s: protocol error on a datagram", peer)
+            group.log.exception("%s: protocol error on a datagram", peer)
             return
-        self.group.log.debug("%s: %d B in, %d B out", peer, len(data), len(reply or b""))
-        if reply is not None and access is not None:
+        if reply is None:
+            return
+        if self.debug:
+            group.log.debug("%s: %d B in, %d B out", peer, len(data), len(reply))
+        access = group.access
+        if access is not None and access.reply_limited:
             refused = access.check_reply(len(data), len(reply))
             if refused is not None:
-                self.group.refused(peer, refused, datagram=True)
+                group.refused(peer, refused, datagram=True)
                 return
-        if reply is not None and self.transport is not None:
+        transport = self.transport
+        if transport is not None:
             if not addr:  # an unbound Unix datagram client has no address
-                self.group.log.debug("cannot reply to an unbound unixgram peer")
+                group.log.debug("cannot reply to an unbound unixgram peer")
                 return
-            send_datagram(self.transport, self.sock, reply, addr)
+            if reply:
+                transport.sendto(reply, addr)
+            else:
+                send_datagram(transport, self.sock, reply, addr)
