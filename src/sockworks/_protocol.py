@@ -105,8 +105,10 @@ class StreamProtocol:
     # whose sessions normally end that way (chargen); None: "reset by peer".
     peer_gone_reason: str | None = None
 
-    def on_connect(self, peer: Peer) -> Output:
-        """A peer connected."""
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
+        """A peer connected to ``local`` (our address: a listener's IP and
+        port, or its Unix path). Protocols that take only ``peer`` are
+        still called that way."""
         return None
 
     def on_data(self, data: bytes) -> Output:

@@ -7,24 +7,54 @@
   background thread and gives you the bound endpoints.
 * :func:`chunkings` splits a byte string every possible way, for feeding a
   protocol the same input in every chunk size.
+* :class:`MemoryService` runs any handler (sans-I/O, async or blocking) on
+  the real connection core with in-memory connections
+  (:class:`MemoryPeer`), and :class:`VirtualClockLoop` gives it a virtual
+  clock that jumps to the next timer when nothing else can run (Trio's
+  ``MockClock``): a five-minute idle timeout is tested in milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
+from ._access import AccessControl, AccessPolicy
 from ._config import Limits, SocketOptions
+from ._core import ConnectionGroup, check_output_type
+from ._drivers import make_driver
+from ._drivers.protocol import connect_arity
 from ._endpoint import Endpoint
-from ._errors import RemoteProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError
 from ._protocol import Output, Peer, Reply, StreamProtocol
 from ._run import new_event_loop
 from ._server import Server, ServiceConfig
+from ._testkit import (
+    MemoryPeer,
+    MemoryTransport,
+    VirtualClockLoop,
+    memory_connection,
+    new_virtual_loop,
+    run_virtual,
+)
 
-__all__ = ["ProtocolTester", "ServerThread", "chunkings", "running"]
+__all__ = [
+    "MemoryPeer",
+    "MemoryService",
+    "MemoryTransport",
+    "ProtocolTester",
+    "ServerThread",
+    "VirtualClockLoop",
+    "chunkings",
+    "memory_connection",
+    "new_virtual_loop",
+    "run_virtual",
+    "running",
+]
 
 
 class ProtocolTester:
@@ -33,7 +63,10 @@ class ProtocolTester:
     Every call returns the bytes the protocol sent in response; ``sent``
     has all of them, ``closed``/``half_closed``/``reason`` its decisions.
     ``Reply(more=True)`` is honoured by calling ``on_writable`` up to
-    ``pump`` times, as a peer that reads everything at once would cause.
+    ``pump`` times, as a peer that reads everything at once would cause;
+    ``Reply(offload=fn)`` runs ``fn`` at once and carries out its output.
+    Output the driver would refuse (a ``str``, bytes after a close or a
+    half-close) raises :class:`~sockworks.LocalProtocolError` here too.
     """
 
     def __init__(self, proto: StreamProtocol, *, pump: int = 16) -> None:
@@ -46,8 +79,12 @@ class ProtocolTester:
         self.reason: str | None = None
         self.wants_writable = False
 
-    def connect(self, peer: Peer | None = None) -> bytes:
-        return self._do(self.proto.on_connect, peer or Peer("127.0.0.1", 50000))
+    def connect(self, peer: Peer | None = None, local: Peer | None = None) -> bytes:
+        peer = peer or Peer("127.0.0.1", 50000)
+        local = local or Peer("127.0.0.1", 7)
+        if connect_arity(self.proto) == 1:  # written before the local address was passed
+            return self._do(self.proto.on_connect, peer)
+        return self._do(self.proto.on_connect, peer, local)
 
     def feed(self, data: bytes) -> bytes:
         return self._do(self.proto.on_data, data)
@@ -74,7 +111,7 @@ class ProtocolTester:
 
     def _do(self, callback: Any, *args: Any) -> bytes:
         if self.closed:
-            raise AssertionError("the protocol already closed the connection")
+            raise LocalProtocolError("the protocol already closed the connection")
         start = len(self.sent)
         try:
             self._apply(callback(*args))
@@ -87,17 +124,33 @@ class ProtocolTester:
             self._apply(self.proto.on_writable())
         return bytes(self.sent[start:])
 
+    def _send(self, data: object, where: str) -> None:
+        check_output_type(data, where)
+        if not data:
+            return
+        if self.closed or self.half_closed:
+            state = "closed" if self.closed else "half-closed"
+            raise LocalProtocolError(f"cannot send: the connection is {state}")
+        self.sent += cast(bytes, data)
+
     def _apply(self, out: Output) -> None:
+        where = type(self.proto).__name__
         if out is None:
             return
-        if isinstance(out, bytes):
-            self.sent += out
+        if not isinstance(out, Reply):
+            self._send(out, where)
             return
-        assert isinstance(out, Reply), f"protocol returned {out!r}"
-        self.sent += out.data
+        if out.offload is not None and (out.file or out.close or out.half_close or out.more):
+            raise LocalProtocolError("Reply(offload=...) may only come with data")
+        self._send(out.data, where)
         if out.file is not None:
             self.files.append(out.file)
+        if out.offload is not None:
+            self._apply(out.offload())
+            return
         if out.half_close:
+            if self.half_closed:
+                raise LocalProtocolError("cannot half-close twice")
             self.half_closed = True
         if out.close:
             self.closed = True
@@ -199,3 +252,81 @@ def running(
         handler, listen or ("tcp:127.0.0.1:0",), name=name, limits=limits, options=options
     )
     return ServerThread(config, grace=grace)
+
+
+class MemoryService:
+    """A service on the real connection core, reached through in-memory
+    connections: what ``running()`` is for real sockets, with no socket,
+    no port and (on a :class:`VirtualClockLoop`) no waiting.
+
+    Create it inside a running loop; ``connect()`` opens a connection to
+    ``handler`` (any style). Sans-I/O and async handlers get a
+    :class:`MemoryPeer`; a blocking handler, which needs a real socket for
+    its thread, gets the client end of a ``socketpair``.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        limits: Limits | None = None,
+        name: str = "memory",
+        access: AccessPolicy | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.driver = make_driver(handler)
+        control = AccessControl(access, self.loop.time) if access is not None else None
+        self.group = ConnectionGroup(
+            name, self.driver, self.loop, limits=limits or Limits(), access=control
+        )
+        self._factory = self.driver.connection_factory(self.group)
+
+    def connect(
+        self,
+        *,
+        peer: tuple[str, int] = ("127.0.0.1", 50000),
+        receive_window: int | None = None,
+    ) -> MemoryPeer:
+        """A new connection from ``peer``; the test plays the client."""
+        if self._factory is None:
+            raise TypeError("a blocking handler needs a socket: use connect_socket()")
+        _transport, client = memory_connection(
+            self._factory(), loop=self.loop, peer=peer, receive_window=receive_window
+        )
+        return client
+
+    def connect_socket(self, peer: tuple[str, int] = ("127.0.0.1", 50000)) -> socket.socket:
+        """For a blocking handler: the client end of a socketpair whose other
+        end the handler's thread serves."""
+        client, server = socket.socketpair()
+        self.driver.start_socket(server, Peer(*peer), self.group)
+        return client
+
+    @property
+    def live(self) -> int:
+        """Connections being served now."""
+        return len(self.group.live)
+
+    async def wait_idle(self) -> None:
+        """Until every connection has ended."""
+        await self.group.wait_idle()
+
+    async def shutdown(self, grace: float = 5.0) -> bool:
+        """What the server does on SIGTERM: every connection is told, has
+        ``grace`` seconds to finish, then is aborted. True: all finished."""
+        group = self.group
+        group.shutting_down = True
+        group.start_held_for_shutdown()
+        for conn in list(group.live):
+            conn.begin_shutdown()
+        try:
+            await asyncio.wait_for(group.wait_idle(), grace)
+            done = True
+        except TimeoutError:
+            done = False
+            for conn in list(group.live):
+                conn.abort()
+            await asyncio.sleep(0)
+        group.stop()
+        self.driver.close()
+        return done

@@ -112,7 +112,7 @@ class Chargen(StreamProtocol):
         self.chunk = chunk
         self.sent = 0
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         return self.on_writable()
 
     def on_data(self, data: bytes) -> Output:
@@ -227,7 +227,7 @@ class Qotd(StreamProtocol):
         self.quotes = quotes
         self.choose = choose
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         return close(self.quotes[self.choose(len(self.quotes))], reason="quote sent")
 
 
@@ -287,7 +287,7 @@ class Daytime(StreamProtocol):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         return close(daytime_text(self.clock()), reason="daytime sent")
 
 
@@ -321,7 +321,7 @@ class Time(StreamProtocol):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         return close(rfc868_time(self.clock()), reason="time sent")
 
 

@@ -70,7 +70,7 @@ class Greeting(StreamProtocol):
         self.buffer = LineBuffer(max_line)
         self.peer: Peer | None = None
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         self.peer = peer
         return None
 
@@ -105,7 +105,7 @@ class Greeting(StreamProtocol):
 class Thanks(StreamProtocol):
     """Seed 002's socketserver example: log the peer, thank it, close."""
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         _thanks_log.info("got connection from %s", peer)
         return close(b"thank you for connecting")
 
@@ -117,7 +117,7 @@ class CharCount(StreamProtocol):
     def __init__(self, max_line: int = 8192) -> None:
         self.buffer = LineBuffer(max_line)
 
-    def on_connect(self, peer: Peer) -> Output:
+    def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         address: object = (peer.host, peer.port) if peer.host else peer.path
         return f"welcome, {address!r}\nPlease enter a string:".encode()
 
