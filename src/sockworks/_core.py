@@ -328,15 +328,17 @@ class ConnectionGroup:
         stats = conn.stats
         if self.access is not None:
             self.access.release_connection(stats.peer.host)
-        why = f" ({stats.reason})" if stats.reason else ""
-        self.log.info(
-            "%s closed after %.3f s, %d B in, %d B out%s",
-            stats.peer,
-            time.monotonic() - stats.started,
-            stats.bytes_in,
-            stats.bytes_out,
-            why,
-        )
+        log = self.log
+        if log.isEnabledFor(logging.INFO):
+            why = f" ({stats.reason})" if stats.reason else ""
+            log.info(
+                "%s closed after %.3f s, %d B in, %d B out%s",
+                stats.peer,
+                time.monotonic() - stats.started,
+                stats.bytes_in,
+                stats.bytes_out,
+                why,
+            )
         held = self._held
         while held and len(self.live) < self.max_connections:
             held.popleft().start()

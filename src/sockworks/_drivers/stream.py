@@ -171,7 +171,8 @@ class StreamCore(asyncio.Protocol):
         if exc is not None:
             self.stats.set_reason(self.gone_reason(exc))
             log.debug("%s: %r", self.stats.peer, exc)
-        self.fail_writers(closed_error(self.stats))
+        if self._drain_waiters:
+            self.fail_writers(closed_error(self.stats))
         self.on_lost(exc)
         if self.started:
             self.finished()
