@@ -133,9 +133,16 @@ class StreamCore(asyncio.Protocol):
         state = self.state
         if state is _CLOSED or state is _CLOSING:
             return True
+        if state is State.LOCAL_DONE:
+            # We had half-closed already: nothing is left to do either way,
+            # but the layer still hears of the EOF (a protocol's on_eof, a
+            # reader's b""), as a handler of any other style does; it may
+            # not send. It may close or abort meanwhile.
+            self.on_peer_eof()
+            if self.state is not State.LOCAL_DONE:
+                return True
         self.state = next_state(state, Event.PEER_EOF)
         if self.state is _CLOSING:
-            # We had half-closed already: nothing is left to do either way.
             self._close_transport()
             return True
         self.on_peer_eof()
