@@ -174,6 +174,7 @@ class BlockingConnection:
         self.idle_since = 0.0
         self.timed_out = False
         self._closed = False
+        self._write_shut = False  # shutdown_write() called
 
     # -- socket-like API -------------------------------------------------------
 
@@ -212,6 +213,8 @@ class BlockingConnection:
     def sendall(self, data: bytes) -> None:
         if self._closed:
             raise LocalProtocolError("sendall after close()")
+        if self._write_shut:
+            raise LocalProtocolError("sendall after shutdown_write()")
         check_output_type(data, "BlockingConnection.sendall")
         self._writing += 1
         try:
@@ -270,6 +273,7 @@ class BlockingConnection:
 
     def shutdown_write(self) -> None:
         """Half-close: the peer sees EOF."""
+        self._write_shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
