@@ -871,7 +871,10 @@ def test_shutdown_while_writing_delivers_what_was_written(style: str) -> None:
         rest = await client.receive_all()
         assert await shutdown is True
         got = first + rest
-        assert len(got) >= written > 10_000
+        assert len(got) >= written
+        if h.memory:
+            # (A blocking thread counts a sendall only once it returns.)
+            assert written > 10_000, "the shutdown came before data was in flight"
         assert got == expected[: len(got)], "output corrupted"
         if style != "sansio":
             # The handler kept writing through the shutdown: all of it.
