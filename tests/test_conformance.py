@@ -28,8 +28,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sockworks import Limits, RemoteProtocolError, Reply, StreamProtocol
-from sockworks._errors import ConnectionClosed, IdleTimeout, LocalProtocolError
+from sockworks import (
+    ConnectionClosed,
+    IdleTimeout,
+    Limits,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Reply,
+    StreamProtocol,
+)
 from sockworks.testing import MemoryPeer, MemoryService, ProtocolTester, run_virtual
 
 STYLES = ["sansio", "async", "blocking"]
