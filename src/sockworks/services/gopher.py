@@ -36,12 +36,12 @@ def parse_advertise(text: str) -> tuple[str, int]:
 
 
 def build(options: ServiceOptions) -> ProtocolDriver:
-    root_dir = getattr(options, "root", None) or default_root()
+    root_dir = options.root or default_root()
     try:
         root = FileSystemRoot(root_dir)
     except OSError as exc:
         raise ConfigError(f"gopher root {root_dir!r}: {exc.strerror or exc}") from None
-    advertise_text = getattr(options, "advertise", None)
+    advertise_text = options.advertise
     site = GopherSite(
         root=root,
         advertise=parse_advertise(advertise_text) if advertise_text else None,
