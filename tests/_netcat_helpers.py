@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -191,3 +192,36 @@ def one_line(capsys: pytest.CaptureFixture[str], status: int, fragment: str, *ar
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], err
+
+
+def tcp_address(endpoint: str) -> tuple[str, int]:
+    """``tcp:127.0.0.1:PORT`` (as ``listening on`` reports it) as a socket address."""
+    host, port = endpoint.removeprefix("tcp:").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def tls_bystander(address: tuple[str, int], cafile: str, *, source: str = "127.0.0.3",
+                  timeout: float = 5.0) -> float:
+    """A well-behaved TLS client from another loopback address: connects,
+    shakes hands, says hello and reads to EOF. Returns the seconds from
+    ``connect()`` to the finished handshake; fails the test if the
+    handshake does not finish within ``timeout``."""
+    context = ssl.create_default_context(cafile=cafile)
+    start = time.monotonic()
+    try:
+        with socket.create_connection(address, timeout=timeout,
+                                      source_address=(source, 0)) as raw, \
+                context.wrap_socket(raw, server_hostname=address[0]) as tls:
+            elapsed = time.monotonic() - start
+            tls.sendall(b"hello\n")
+            while tls.recv(4096):
+                pass
+    except TimeoutError:
+        raise AssertionError(f"the well-behaved client from {source} was not served "
+                             f"within {timeout} s") from None
+    return elapsed
+
+
+# The start of a TLS ClientHello: a handshake record that announces 512
+# bytes, of which only the first few ever come.
+PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001") + bytes.fromhex("0001fc0303") + b"\0" * 8
