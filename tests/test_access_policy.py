@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sockworks import ConfigError
@@ -253,3 +255,73 @@ def test_log_throttle_has_a_global_budget() -> None:
     clock.now += 0.5  # one more line allowed, for a source that was held back
     assert throttle.check("10.0.0.9") == 1
     assert throttle.check("10.0.0.8") is None
+
+
+class Timers:
+    """A stand-in for ``loop.call_later``: the test runs what is due."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.pending: list[tuple[float, object]] = []
+
+    def __call__(self, delay: float, fn: object) -> None:
+        self.pending.append((self.clock.now + delay, fn))
+
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        due = [fn for at, fn in self.pending if at <= self.clock.now]
+        self.pending = [(at, fn) for at, fn in self.pending if at > self.clock.now]
+        for fn in due:
+            fn()  # type: ignore[operator]
+
+
+def test_log_throttle_sums_up_what_it_held_back() -> None:
+    clock = Clock()
+    timers = Timers(clock)
+    lines: list[str] = []
+    throttle = LogThrottle(clock, later=timers, emit=lambda fmt, *a: lines.append(fmt % a))
+    key = ("127.0.0.2", "refused", "per-source limit (2) reached")
+    assert throttle.check(key) == 0  # the first is logged by the caller
+    assert [throttle.check(key) for _ in range(999)] == [None] * 999
+    assert len(timers.pending) == 1  # one timer, however many were held back
+    timers.advance(1.0)
+    assert lines == [
+        "127.0.0.2 refused: per-source limit (2) reached"
+        " (and 999 more like it, not logged one by one)"
+    ]
+    # Once summed up, nothing more is said, and no timer is left behind.
+    timers.advance(5.0)
+    assert len(lines) == 1 and not timers.pending
+    # A flood that goes on: a summary a second, no line per event.
+    for _ in range(3):
+        for _ in range(100):
+            throttle.check(key)
+        timers.advance(1.0)
+    # The first after the quiet spell is logged by the caller; the rest of
+    # each second is one summary line.
+    assert len(lines) == 4, lines
+
+
+def test_log_throttle_summary_of_many_sources_is_bounded() -> None:
+    clock = Clock()
+    timers = Timers(clock)
+    lines: list[str] = []
+    throttle = LogThrottle(
+        clock, rate=20, max_keys=100, later=timers, emit=lambda fmt, *a: lines.append(fmt % a)
+    )
+    logged = 0
+    for i in range(5000):  # 500 sources, 10 each
+        if throttle.check((f"10.0.{i % 500 // 250}.{i % 250}", "refused", "denied")) is not None:
+            logged += 1
+    timers.advance(1.0)
+    timers.advance(1.0)
+    assert logged == 40  # the global budget's burst
+    assert len(lines) <= 20 + 1, lines  # a second's budget, and one line for the rest
+    assert "not logged one by one (over 20 log lines a second)" in lines[-1]
+    # Every event is accounted for: logged, summed up per source, or counted
+    # in the last line (sources forgotten included).
+    counted = logged + sum(int(m.group(1)) for line in lines
+                           if (m := re.search(r"\(and (\d+) more like it", line)))
+    last = re.match(r"(\d+) more refused", lines[-1])
+    assert last is not None
+    assert counted + int(last.group(1)) == 5000

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
@@ -305,20 +305,43 @@ class AccessControl:
 
 class LogThrottle:
     """At most one line per key and ``interval``, and ``rate`` lines a
-    second in all: a flood of dropped datagrams, even from many forged
-    addresses, costs a few lines a second, each with the count of the
-    similar ones not logged."""
+    second in all: a flood of refused connections or dropped datagrams,
+    even from many (forged) addresses, costs a few lines a second, each
+    with the count of the similar ones not logged.
+
+    Keys are ``(source, event, reason)``, such as ``("127.0.0.2",
+    "refused", "denied by 127.0.0.2/32")``. Given ``later`` (the loop's
+    ``call_later``) and ``emit`` (a logger method), what was held back is
+    also summed up once the interval is over, even if the flood has
+    stopped: ``127.0.0.2 refused: denied by 127.0.0.2/32 (and 999 more like
+    it, not logged one by one)``. Without them the count is only added to
+    the next line for that key.
+    """
 
     def __init__(
-        self, clock: Clock, interval: float = 1.0, max_keys: int = 1024, rate: float = 20.0
+        self,
+        clock: Clock,
+        interval: float = 1.0,
+        max_keys: int = 1024,
+        rate: float = 20.0,
+        *,
+        later: Callable[[float, Callable[[], None]], object] | None = None,
+        emit: Callable[..., None] | None = None,
     ) -> None:
         self.clock = clock
         self.interval = interval
         self.max_keys = max_keys
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self.rate = rate
+        self._seen: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
         self._budget = TokenBucket(rate, 2 * rate, clock())
+        self._later = later if emit is not None else None
+        self._emit = emit
+        self._flush_due = False
+        # Counts of keys forgotten (over max_keys) before they were summed up.
+        self._lost = 0
+        self._lost_keys = 0
 
-    def check(self, key: str) -> int | None:
+    def check(self, key: Hashable) -> int | None:
         """The number suppressed since the last line if one may be logged now."""
         now = self.clock()
         entry = self._seen.get(key)
@@ -328,11 +351,55 @@ class LogThrottle:
             self._seen[key] = (now, 0)
             self._seen.move_to_end(key)
             if len(self._seen) > self.max_keys:
-                self._seen.popitem(last=False)
+                self._forget_oldest()
             return suppressed
         if entry is None:  # over the global budget: remembered, logged later
             entry = (now - self.interval, 0)
             if len(self._seen) >= self.max_keys:
-                self._seen.popitem(last=False)
+                self._forget_oldest()
         self._seen[key] = (entry[0], entry[1] + 1)
+        if self._later is not None and not self._flush_due:
+            self._flush_due = True
+            self._later(self.interval, self.flush)
         return None
+
+    def _forget_oldest(self) -> None:
+        _, (_, count) = self._seen.popitem(last=False)
+        if count:
+            self._lost += count
+            self._lost_keys += 1
+
+    def flush(self) -> None:
+        """Sum up what was held back for every key whose interval is over
+        (one line each, within the global budget; the rest in one line), and
+        come back later for the others."""
+        self._flush_due = False
+        emit = self._emit
+        if emit is None:
+            return
+        now = self.clock()
+        waiting = False
+        over, over_keys = self._lost, self._lost_keys
+        self._lost = self._lost_keys = 0
+        seen = self._seen
+        for key, (last, count) in list(seen.items()):
+            if not count:
+                continue
+            if now - last < self.interval:
+                waiting = True
+                continue
+            seen[key] = (now, 0)
+            if not self._budget.take(now):
+                over += count
+                over_keys += 1
+            elif isinstance(key, tuple) and len(key) == 3:  # (source, event, reason)
+                emit("%s %s: %s (and %d more like it, not logged one by one)", *key, count)
+            else:
+                emit("%s (and %d more like it, not logged one by one)", key, count)
+        if over:
+            # One line whatever the budget: what is not logged is still counted.
+            emit("%d more refused connections or dropped datagrams from %d sources, not"
+                 " logged one by one (over %g log lines a second)", over, over_keys, self.rate)
+        if waiting and self._later is not None:
+            self._flush_due = True
+            self._later(self.interval, self.flush)

@@ -278,7 +278,9 @@ class ConnectionGroup:
         self._executor: ThreadPoolExecutor | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._refusals = LogThrottle(loop.time)
+        # Refusals and drops: a line per source and reason a second, 20 a
+        # second in all, and a summary of the rest (a flood cannot fill the disk).
+        self._refusals = LogThrottle(loop.time, later=loop.call_later, emit=self.log.info)
         self._sweeper: asyncio.TimerHandle | None = None
         timeout = self.limits.idle_timeout
         self._idle_step = timeout / 20 if timeout else 0.0
@@ -297,15 +299,15 @@ class ConnectionGroup:
         return False
 
     def refused(self, peer: Peer, reason: str, *, datagram: bool = False) -> None:
-        """Log a refused connection (one INFO line each) or a dropped
-        datagram (at most one line a second per source and reason)."""
-        if not datagram:
-            self.log.info("%s refused: %s", peer, reason)
-            return
-        suppressed = self._refusals.check(f"{peer.host}|{reason}")
+        """Log a refused connection or a dropped datagram: at most one line a
+        second per source and reason, a few a second in all, and what was
+        not logged summed up within a second ("(and N more like it)")."""
+        event = "datagram dropped" if datagram else "refused"
+        # A Unix peer has no host: its path (or "unix-peer") is its source.
+        suppressed = self._refusals.check((peer.host or str(peer), event, reason))
         if suppressed is not None:
             more = f" (and {suppressed} more like it)" if suppressed else ""
-            self.log.info("%s datagram dropped: %s%s", peer, reason, more)
+            self.log.info("%s %s: %s%s", peer, event, reason, more)
 
     def opened(self, conn: Connection) -> None:
         """``conn`` was admitted and starts now."""
