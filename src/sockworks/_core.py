@@ -45,6 +45,14 @@ T = TypeVar("T")
 
 # How long a closing connection may take to flush when no idle timeout is set.
 CLOSE_TIMEOUT = 60.0
+# A lingering close (nginx's lingering_timeout and lingering_time): after
+# our FIN, input is read and discarded until the peer closes, has been quiet
+# this long, or this much time in all has passed.
+LINGER_QUIET = 2.0
+LINGER_TIME = 10.0
+# While a stopping server reads what peers sent before the signal: how
+# often it looks whether that is done.
+SHUTDOWN_POLL = 0.02
 
 
 def describe(exc: BaseException) -> str:

@@ -162,7 +162,9 @@ class Stream(StreamCore):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is not _OPEN and state is not State.LOCAL_DONE:
-            return  # closing: the rest of the input is discarded
+            # Closing (a lingering close reads on): the input is discarded.
+            self.stats.bytes_in += len(data)
+            return
         self.stats.bytes_in += len(data)
         buf = self._buf
         buf.feed(data)
@@ -218,6 +220,7 @@ class Stream(StreamCore):
         except asyncio.CancelledError:
             pass
         except RemoteProtocolError as exc:
+            self.input_left = True  # e.g. the rest of a line too long
             self.stats.set_reason(exc.reason)
         except (ConnectionClosed, *PEER_GONE) as exc:
             self.stats.set_reason(describe(exc))
@@ -226,6 +229,8 @@ class Stream(StreamCore):
             self.crashed("the handler")
         finally:
             self._handler_done = True
+            if len(self._buf):
+                self.input_left = True
             self.close_soon()
             if self._lost:
                 self.group.closed(self)

@@ -146,7 +146,9 @@ class ProtocolConnection(StreamCore):
         # The hot path: no clock read, no allocation.
         state = self.state
         if state is not _OPEN and state is not State.LOCAL_DONE:
-            return  # closing: the rest of the input is discarded
+            # Closing (a lingering close reads on): the input is discarded.
+            self.stats.bytes_in += len(data)
+            return
         stats = self.stats
         stats.bytes_in += len(data)
         try:
@@ -158,6 +160,7 @@ class ProtocolConnection(StreamCore):
             elif out is not None:
                 self._apply(out, "on_data")
         except RemoteProtocolError as exc:
+            self.input_left = True  # e.g. the rest of a line too long
             self.close_soon(exc.reason)
         except Exception:
             self.crashed("on_data")

@@ -20,12 +20,18 @@ task and no coroutine per connection), or by
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from typing import TYPE_CHECKING, cast
 
 from .._core import (
     CAN_RECEIVE,
     CLOSE_TIMEOUT,
+    LINGER_QUIET,
+    LINGER_TIME,
+    SHUTDOWN_POLL,
     ConnectionStats,
     Event,
     State,
@@ -54,11 +60,18 @@ class StreamCore(asyncio.Protocol):
         "_close_timer",
         "_drain_waiters",
         "_held",
+        "_linger_seen",
+        "_linger_started",
+        "_lingering",
+        "_shutdown_at",
         "_wait_epoch",
         "_waits",
+        "_wrote_eof",
         "group",
         "idle_seen",
         "idle_since",
+        "input_left",
+        "peer_eof",
         "read_paused",
         "started",
         "state",
@@ -85,6 +98,15 @@ class StreamCore(asyncio.Protocol):
         self._waits = 0
         self._wait_epoch = 0
         self._close_timer: asyncio.TimerHandle | None = None
+        self.peer_eof = False  # the peer sent EOF (it will send no more)
+        # The layer closes with the peer's input not all read (a line too
+        # long, a request cut short): the peer is likely still sending.
+        self.input_left = False
+        self._wrote_eof = False  # our FIN is queued
+        self._lingering = False
+        self._linger_seen = 0
+        self._linger_started = 0.0
+        self._shutdown_at: int | None = None
         self.started = False
         self.idle_seen: object = None
         self.idle_since = 0.0
@@ -130,8 +152,15 @@ class StreamCore(asyncio.Protocol):
                 self.on_start()
 
     def eof_received(self) -> bool:
+        self.peer_eof = True
         state = self.state
-        if state is _CLOSED or state is _CLOSING:
+        if state is _CLOSED:
+            return True
+        if state is _CLOSING:
+            if self._lingering:
+                # The peer has taken our FIN and closed too: nothing unread
+                # can make the kernel reset the connection now.
+                self._end_linger()
             return True
         if state is State.LOCAL_DONE:
             # We had half-closed already: nothing is left to do either way,
@@ -207,6 +236,7 @@ class StreamCore(asyncio.Protocol):
         if self.state is _CLOSING or t is None or not t.can_write_eof():
             self._close_transport()
         else:
+            self._wrote_eof = True
             t.write_eof()
 
     def close_soon(self, reason: str | None = None) -> None:
@@ -275,8 +305,11 @@ class StreamCore(asyncio.Protocol):
         if t is None:
             return None
         if self.state is _CLOSING:
+            size = t.get_write_buffer_size()
+            if self._lingering and not size:
+                return None  # all sent; the linger timer decides the rest
             # Flushing before close: waiting on the peer to take our output.
-            return (self.stats.bytes_out, t.get_write_buffer_size())
+            return (self.stats.bytes_out, size)
         if not self.ALWAYS_WAITING and self._waits == 0:
             return None  # the handler is busy, not waiting on the peer
         stats = self.stats
@@ -291,8 +324,40 @@ class StreamCore(asyncio.Protocol):
         self.on_idle()
 
     def begin_shutdown(self) -> None:
-        if self.state is not _CLOSED and self.state is not _CLOSING:
+        if self.state is _CLOSED or self.state is _CLOSING:
+            return
+        # Work in flight finishes: what the peer sent before the signal (in
+        # the kernel's receive queue now) is still read and handled, then
+        # the style's shutdown applies. What comes after is not waited for.
+        pending = self._unread_in_kernel() if self.state in CAN_RECEIVE else 0
+        if pending:
+            self._shutdown_at = self.stats.bytes_in + pending
+            self._resume_reading()
+            self.group.loop.call_later(SHUTDOWN_POLL, self._shutdown_when_read)
+            return
+        self.on_shutdown()
+
+    def _shutdown_when_read(self) -> None:
+        target = self._shutdown_at
+        if target is None or self.state is _CLOSED or self.state is _CLOSING:
+            return
+        if self.stats.bytes_in >= target or self.state not in CAN_RECEIVE:
+            self._shutdown_at = None
             self.on_shutdown()
+        else:
+            self.group.loop.call_later(SHUTDOWN_POLL, self._shutdown_when_read)
+
+    def _unread_in_kernel(self) -> int:
+        """Bytes received by the kernel that we have not read (FIONREAD)."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            return 0
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", raw)[0])
 
     def abort(self) -> None:
         self.abort_with("aborted at the end of the grace period")
@@ -332,6 +397,65 @@ class StreamCore(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
+        if self.peer_eof or not t.can_write_eof() or not self._peer_may_send(t):
+            self._final_close()
+            return
+        # A lingering close (nginx's): send what is queued and our FIN, then
+        # read and discard until the peer closes too, or goes quiet. Closing
+        # a socket with unread input, or input arriving after the close,
+        # makes the kernel reset the connection and destroy output still on
+        # its way to the peer: no close may do that.
+        if not self._wrote_eof:
+            self._wrote_eof = True
+            t.write_eof()
+        self._lingering = True
+        self._held = False
+        self._resume_reading()
+        if self.read_paused:  # a closing state refuses the usual resume
+            self.read_paused = False
+            try:
+                t.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+        self._linger_seen = self.stats.bytes_in
+        self._linger_started = self.group.loop.time()
+        self._close_timer = self.group.loop.call_later(LINGER_QUIET, self._linger_tick)
+
+    def _peer_may_send(self, t: asyncio.Transport) -> bool:
+        """Whether input may reach a closed socket and reset it: input is
+        waiting now or was left unread, or our output is still going out
+        (anything arriving meanwhile would destroy it). A quiet peer whose
+        answer is sent is closed at once, as before."""
+        return (
+            self.input_left
+            or t.get_write_buffer_size() > 0
+            or self._unread_in_kernel() > 0
+        )
+
+    def _linger_tick(self) -> None:
+        self._close_timer = None
+        t = self.transport
+        if t is None or self.state is _CLOSED:
+            return
+        quiet = self.stats.bytes_in == self._linger_seen
+        flushed = t.get_write_buffer_size() == 0
+        over = self.group.loop.time() - self._linger_started >= LINGER_TIME
+        if (quiet and flushed) or over:
+            self._end_linger()
+            return
+        self._linger_seen = self.stats.bytes_in
+        self._close_timer = self.group.loop.call_later(LINGER_QUIET, self._linger_tick)
+
+    def _end_linger(self) -> None:
+        self._lingering = False
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._final_close()
+
+    def _final_close(self) -> None:
+        t = self.transport
+        assert t is not None
         t.close()  # flushes what is queued, then closes
         if self.group.limits.idle_timeout is None and self._close_timer is None:
             # No idle rule to catch a peer that never takes the rest.
