@@ -7,7 +7,13 @@ import re
 import pytest
 
 from sockworks import ConfigError
-from sockworks._access import AccessControl, AccessPolicy, LogThrottle, TokenBucket
+from sockworks._access import (
+    AccessControl,
+    AccessPolicy,
+    LogThrottle,
+    TokenBucket,
+    default_per_source,
+)
 
 
 class Clock:
@@ -126,6 +132,26 @@ def test_per_source_limit_and_release() -> None:
         ac.release_connection("127.0.0.2")
     ac.release_connection("127.0.0.3")
     assert ac.per_source == {} and ac.active == 0
+
+
+def test_unix_peers_are_not_counted_per_source() -> None:
+    # A Unix-socket peer has no address: the per-source limit cannot tell
+    # one from another, so it does not apply (instances and cps still do).
+    ac, _ = control(per_source=1, instances=3)
+    assert [ac.admit_connection("") for _ in range(3)] == [None, None, None]
+    assert ac.admit_connection("") == "instance limit (3) reached"
+    assert ac.per_source == {}
+    for _ in range(3):
+        ac.release_connection("")
+    assert ac.active == 0
+
+
+@pytest.mark.parametrize(
+    ("capacity", "expected"), [(1024, 64), (4096, 64), (256, 64), (100, 25), (8, 2), (2, 1), (1, 1)]
+)
+def test_default_per_source_is_a_share_no_address_can_exhaust(capacity: int, expected: int) -> None:
+    assert default_per_source(capacity) == expected
+    assert default_per_source(capacity) < capacity or capacity == 1
 
 
 def test_instances_limit() -> None:

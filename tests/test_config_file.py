@@ -46,7 +46,8 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
         (GOOD_SERVICE + "max_conns = true\n", r"services\.echo\.max_conns: expected"),
         (GOOD_SERVICE + 'nodelay = "yes"\n', r"services\.echo\.nodelay: expected true or false"),
         (GOOD_SERVICE + "max_datagram = 70000\n", r"max_datagram: expected .* up to 65535"),
-        (GOOD_SERVICE + "per_source = 0\n", r"services\.echo\.per_source: expected a positive"),
+        (GOOD_SERVICE + "per_source = -1\n",
+         r"services\.echo\.per_source: expected a positive .*\(0 or \"off\" for none\)"),
         (GOOD_SERVICE + 'cps = "fast"\n', r"services\.echo\.cps: expected .*\(or \"off\"\)"),
         (GOOD_SERVICE + "max_amplification = -2\n", r"services\.echo\.max_amplification"),
         (GOOD_SERVICE + "udp_burst = 0\n", r"services\.echo\.udp_burst"),
@@ -122,6 +123,22 @@ def test_off_values(tmp_path: Path) -> None:
     (echo,) = load_config(path).services
     assert echo.access is not None
     assert echo.access.max_amplification is None and echo.access.udp_rate is None
+
+
+def test_per_source_is_on_by_default_and_0_or_off_turns_it_off(tmp_path: Path) -> None:
+    def per_source(extra: str) -> int | None:
+        (echo,) = load_config(write(tmp_path, GOOD_SERVICE + extra)).services
+        assert echo.access is not None
+        return echo.access.per_source
+
+    assert per_source("") == 64  # a quarter of max_conns (1024), at most 64
+    assert per_source("max_conns = 8\n") == 2
+    assert per_source("per_source = 5\n") == 5
+    for off in ("0", '"off"', "false"):
+        assert per_source(f"per_source = {off}\n") is None, off
+    loaded = load_config(write(tmp_path, '[defaults]\nper_source = 0\n' + GOOD_SERVICE))
+    assert loaded.services[0].access is not None
+    assert loaded.services[0].access.per_source is None
 
 
 def test_example_config_runs_every_classic_and_seed_service() -> None:

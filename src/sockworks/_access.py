@@ -63,6 +63,22 @@ def parse_address(host: str) -> Address | None:
     return addr
 
 
+# The per-source limit the CLI and config files apply when none is given:
+# a quarter of the connections a service serves at once, at most 64 (so 64
+# of the default 1024). One address can then never hold every slot: it
+# takes at least four (sixteen, at the defaults) to fill a service, while a
+# person or a script is never near 64 at once (a browser opens 6 per host).
+# Behind a load balancer or NAT every client shares one address: there,
+# turn it off (0) or raise it.
+PER_SOURCE_CAP = 64
+
+
+def default_per_source(capacity: int) -> int:
+    """The default per-source limit for a service that serves ``capacity``
+    connections at once (its ``max_connections``, or fewer threads)."""
+    return max(1, min(PER_SOURCE_CAP, capacity // 4))
+
+
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
     """Who may use a service and how much. ``None`` turns a limit off.
@@ -77,7 +93,9 @@ class AccessPolicy:
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
-    # Concurrent connections from one address (xinetd's per_source).
+    # Concurrent connections from one address (xinetd's per_source). None
+    # here (the Python API); the CLI and config files default to
+    # default_per_source(max_connections).
     per_source: int | None = None
     # Concurrent connections to the service in all (xinetd's instances);
     # over it a connection is refused, where max_connections only queues.

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ._access import AccessPolicy, parse_network
+from ._access import AccessPolicy, default_per_source, parse_network
 from ._config import SocketOptions
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import ConfigError, SockworksError
@@ -65,14 +65,19 @@ def _whole(what: str, *, zero: bool = False, most: int | None = None) -> Check:
     return check
 
 
-def _or_off(check: Check) -> Check:
+def _or_off(check: Check, *, zero: bool = False) -> Check:
+    """``check``, or ``"off"``/``false`` (and ``0`` when ``zero``) for None."""
+
     def wrapped(v: Any) -> Any:
         if v is False or (isinstance(v, str) and v.lower() in ("off", "none")):
+            return None
+        if zero and v == 0 and not isinstance(v, bool):
             return None
         try:
             return check(v)
         except _Bad as exc:
-            raise _Bad(f"{exc} (or \"off\")") from None
+            also = '0 or "off" for none' if zero else 'or "off"'
+            raise _Bad(f"{exc} ({also})") from None
 
     return wrapped
 
@@ -146,7 +151,9 @@ SERVICE_KEYS: dict[str, Check] = {
     # access control and abuse protection
     "allow": _list_of(_network, "addresses or CIDR networks"),
     "deny": _list_of(_network, "addresses or CIDR networks"),
-    "per_source": _or_off(_whole("a positive whole number")),
+    # 0 or "off": no per-source limit (behind a load balancer or NAT); absent:
+    # default_per_source(max_conns).
+    "per_source": _or_off(_whole("a positive whole number"), zero=True),
     "instances": _or_off(_whole("a positive whole number")),
     "cps": _or_off(_number("connections per second (a positive number)")),
     "max_amplification": _or_off(_number("a factor (zero or more)", zero=True)),
@@ -190,6 +197,7 @@ def build_service(
     """A :class:`ServiceConfig` for a built-in service from checked settings
     (see :data:`SERVICE_KEYS`; absent keys keep the defaults). ``where``
     prefixes errors; ``base`` is the directory relative paths start from."""
+    from ._drivers import make_driver
     from .protocols.classic import parse_quotes
     from .services import SERVICES, ServiceOptions, get_service
 
@@ -231,7 +239,7 @@ def build_service(
             policy[key] = tuple(s[key])
     if "drop_source_ports" in s:
         policy["drop_source_ports"] = frozenset(s["drop_source_ports"])
-    access = attempt("access", lambda: AccessPolicy(**policy))  # keys checked already
+    access: AccessPolicy = attempt("access", lambda: AccessPolicy(**policy))  # keys checked
     extra: dict[str, Any] = {}
     known = {f.name for f in fields(ServiceOptions)}
     for key in ("token", "root", "advertise"):
@@ -255,6 +263,12 @@ def build_service(
         parse_endpoint(e) for e in spec.default_listen
     )
     handler = spec.build(ServiceOptions(limits=limits, access=access, **extra))
+    if "per_source" not in s:
+        # Safe by default: no one address may hold every connection slot.
+        # The capacity is the driver's (a blocking handler is also capped
+        # by its threads); the handler used only the UDP fields of the policy.
+        capacity = make_driver(handler).max_connections(limits)
+        access = replace(access, per_source=default_per_source(capacity))
     return ServiceConfig(
         handler=handler, listen=listen, name=name, limits=limits, options=options, access=access
     )

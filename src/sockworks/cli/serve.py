@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .._access import parse_network
+from .._access import PER_SOURCE_CAP, parse_network
 from .._configfile import SERVICE_KEYS, build_service, load_config
 from .._endpoint import parse_endpoint, parse_port
 from .._errors import ConfigError, EndpointError, UsageError
@@ -126,6 +126,17 @@ def _factor(text: str) -> float | str:
     return value
 
 
+def _count_or_off(text: str) -> int | str:
+    if text.lower() in ("off", "0"):
+        return "off"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive whole number (or 0/off for no limit)"
+        ) from None
+
+
 def _port(text: str) -> int:
     try:
         return parse_port(text)
@@ -141,8 +152,10 @@ def add_access_options(p: argparse.ArgumentParser) -> None:
                      "given, addresses matching none are refused")
     acc.add_argument("--deny", metavar="NET", action="append", type=_network,
                      help="refuse this address or CIDR network (repeatable)")
-    acc.add_argument("--per-source", type=positive_int, metavar="N",
-                     help="concurrent connections from one address (default: no limit)")
+    acc.add_argument("--per-source", type=_count_or_off, metavar="N|0",
+                     help="concurrent connections from one address; more are refused. 0 or "
+                     "off: no limit (behind a load balancer or NAT, where clients share one "
+                     f"address). Default: a quarter of --max-conns, at most {PER_SOURCE_CAP}")
     acc.add_argument("--instances", type=positive_int, metavar="N",
                      help="concurrent connections in all; more are refused (default: no limit)")
     acc.add_argument("--cps", type=_rate, metavar="RATE",
