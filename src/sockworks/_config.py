@@ -36,21 +36,27 @@ class Limits:
     handler_threads: int = 64
     # Largest datagram read; 65535 is the UDP maximum.
     max_datagram: int = 65535
+    # A service that waits for a request line (Gopher, charcount, greeting)
+    # must get the whole line within this: the idle timeout restarts on
+    # every byte, so without it one byte every 29 s holds a connection for
+    # days. 30 s is generous for a person typing a line into telnet.
+    request_timeout: float | None = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "idle_timeout":
+            if value is None and f.name in ("idle_timeout", "request_timeout"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"limit {f.name} must be a positive number, not {value!r}")
 
     def updated(self, **changes: Any) -> Limits:
         """A copy with ``changes`` applied, ignoring those that are ``None``
-        except ``idle_timeout`` (where ``0`` turns the timeout off)."""
+        except the timeouts (where ``0`` turns one off)."""
         clean = {k: v for k, v in changes.items() if v is not None}
-        if clean.get("idle_timeout") == 0:
-            clean["idle_timeout"] = None
+        for key in ("idle_timeout", "request_timeout"):
+            if clean.get(key) == 0:
+                clean[key] = None
         return replace(self, **clean)
 
 

@@ -129,6 +129,7 @@ SERVICE_KEYS: dict[str, Check] = {
     "listen": _list_of(_endpoint, "endpoints"),
     # limits
     "timeout": _number("seconds (a number, 0 for none)", zero=True),
+    "request_timeout": _number("seconds (a number, 0 for none)", zero=True),
     "max_line": _whole("a positive whole number of bytes"),
     "max_conns": _whole("a positive whole number"),
     "max_output": _whole("a positive whole number of bytes"),
@@ -219,6 +220,7 @@ def build_service(
 
     limits = spec.default_limits().updated(
         idle_timeout=s.get("timeout"),
+        request_timeout=s.get("request_timeout"),
         max_line=s.get("max_line"),
         max_connections=s.get("max_conns"),
         max_output_buffer=s.get("max_output"),

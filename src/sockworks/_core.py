@@ -188,6 +188,17 @@ class Connection(Protocol):
         ...
 
 
+class RequestWatched(Protocol):
+    """A connection whose handler waits for requests (the request deadline)."""
+
+    # When the sweep first saw it waiting for a request; None: not waiting.
+    request_since: float | None
+
+    def request_pending(self) -> bool: ...
+
+    def request_expired(self) -> None: ...
+
+
 class Stoppable(Protocol):
     """A datagram endpoint: told when the server stops, aborted at the end."""
 
@@ -290,8 +301,11 @@ class ConnectionGroup:
         # second in all, and a summary of the rest (a flood cannot fill the disk).
         self._refusals = LogThrottle(loop.time, later=loop.call_later, emit=self.log.info)
         self._sweeper: asyncio.TimerHandle | None = None
-        timeout = self.limits.idle_timeout
-        self._idle_step = timeout / 20 if timeout else 0.0
+        self._watched: set[RequestWatched] = set()
+        # The sweep runs every twentieth of the shorter timeout: each is
+        # enforced never early and at most 5 % (one step) late.
+        timeouts = [t for t in (self.limits.idle_timeout, self.limits.request_timeout) if t]
+        self._idle_step = min(timeouts) / 20 if timeouts else 0.0
 
     # -- admission and logging --------------------------------------------
 
@@ -400,24 +414,48 @@ class ConnectionGroup:
 
     # -- the idle rule, once for every style -------------------------------
 
+    def watch_requests(self, conn: RequestWatched) -> None:
+        """Apply the request deadline to ``conn`` while it is live."""
+        if self.limits.request_timeout is not None:
+            conn.request_since = None
+            self._watched.add(conn)
+
+    def unwatch_requests(self, conn: RequestWatched) -> None:
+        self._watched.discard(conn)
+
     def _sweep(self) -> None:
-        timeout = self.limits.idle_timeout
-        assert timeout is not None
         now = self.loop.time()
-        expired: list[Connection] = []
-        for conn in self.live:
-            seen = conn.activity()
-            if seen is None or seen != conn.idle_seen:
-                # Something moved, or a wait began or ended, since the last
-                # look (at most one step ago): count from now. Never early,
-                # at most one step (timeout / 20) late.
-                conn.idle_seen = seen
-                conn.idle_since = now
-            elif now - conn.idle_since >= timeout:
-                conn.idle_since = now  # once per timeout, if it goes on
-                expired.append(conn)
-        for conn in expired:
-            conn.idle_expired()
+        request_timeout = self.limits.request_timeout
+        if request_timeout is not None and self._watched:
+            late: list[RequestWatched] = []
+            for watched in self._watched:
+                if not watched.request_pending():
+                    watched.request_since = None
+                elif watched.request_since is None:
+                    # First seen waiting (at most one step after it began):
+                    # counting from here is never early.
+                    watched.request_since = now
+                elif now - watched.request_since >= request_timeout:
+                    watched.request_since = None
+                    late.append(watched)
+            for watched in late:
+                watched.request_expired()
+        timeout = self.limits.idle_timeout
+        if timeout is not None:
+            expired: list[Connection] = []
+            for conn in self.live:
+                seen = conn.activity()
+                if seen is None or seen != conn.idle_seen:
+                    # Something moved, or a wait began or ended, since the
+                    # last look (at most one step ago): count from now.
+                    # Never early, at most one step (timeout / 20) late.
+                    conn.idle_seen = seen
+                    conn.idle_since = now
+                elif now - conn.idle_since >= timeout:
+                    conn.idle_since = now  # once per timeout, if it goes on
+                    expired.append(conn)
+            for conn in expired:
+                conn.idle_expired()
         self._sweeper = (
             self.loop.call_later(self._idle_step, self._sweep) if self.live else None
         )

@@ -127,6 +127,17 @@ class StreamProtocol:
         """The peer was idle for the configured idle timeout."""
         return Reply(close=True, reason="idle timeout")
 
+    def awaiting_request(self) -> bool:
+        """True while the protocol waits for (the rest of) a request line: the
+        request deadline (``Limits.request_timeout``) runs meanwhile. The
+        default, False, never applies it."""
+        return False
+
+    def on_request_timeout(self) -> Output:
+        """A request was not complete within the request timeout (a slow
+        drip keeps the idle timer happy, not this one)."""
+        return Reply(close=True, reason="request timed out")
+
     def on_shutdown(self) -> Output:
         """The server is stopping; the default closes once output is flushed."""
         return Reply(close=True, reason="server shutting down")

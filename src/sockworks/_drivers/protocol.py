@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._core import CAN_SEND, PEER_GONE, Driver, State, check_output_type, describe
+from .._core import CAN_RECEIVE, CAN_SEND, PEER_GONE, Driver, State, check_output_type, describe
 from .._endpoint import Endpoint
 from .._errors import LocalProtocolError, RemoteProtocolError
 from .._protocol import DatagramProtocol, Output, Peer, Reply, StreamProtocol
@@ -114,6 +114,7 @@ class ProtocolConnection(StreamCore):
         "offloading",
         "pending",
         "proto",
+        "request_since",
         "sending_file",
         "want_writable",
     )
@@ -126,10 +127,13 @@ class ProtocolConnection(StreamCore):
         self.offloading = False
         self.pending: list[Reply] = []  # replies queued behind a file or offloaded work
         self._sendfile_wait: asyncio.Future[None] | None = None
+        self.request_since: float | None = None
 
     # -- the core's events, as protocol callbacks ----------------------------
 
     def on_start(self) -> None:
+        if type(self.proto).awaiting_request is not StreamProtocol.awaiting_request:
+            self.group.watch_requests(self)
         arity = connect_arity(self.proto)
         if arity == 1:
             self._run(self.proto.on_connect, self.stats.peer)
@@ -141,6 +145,24 @@ class ProtocolConnection(StreamCore):
 
     def on_start_during_shutdown(self) -> None:
         self._run(self.proto.on_shutdown)
+
+    def finished(self) -> None:
+        self.group.unwatch_requests(self)
+        super().finished()
+
+    # -- the request deadline (see _core.ConnectionGroup._sweep) -------------
+
+    def request_pending(self) -> bool:
+        if self.state not in CAN_RECEIVE or self.offloading:
+            return False
+        try:
+            return self.proto.awaiting_request()
+        except Exception:
+            self.crashed("awaiting_request")
+            return False
+
+    def request_expired(self) -> None:
+        self._run(self.proto.on_request_timeout)
 
     def data_received(self, data: bytes) -> None:
         # The hot path: no clock read, no allocation.

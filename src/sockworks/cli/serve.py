@@ -61,6 +61,9 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits (on by default)")
     limits.add_argument("--timeout", type=seconds, metavar="SECONDS",
                         help="idle timeout; 0 turns it off (default 300, greeting 5)")
+    limits.add_argument("--request-timeout", type=seconds, metavar="SECONDS",
+                        help="time for a whole request line (gopher, charcount, greeting), "
+                        "however slowly it drips in; 0 turns it off (default 30, greeting 5)")
     limits.add_argument("--max-line", type=positive_int, metavar="BYTES",
                         help="longest line or request accepted (default 8192)")
     limits.add_argument("--max-conns", type=positive_int, metavar="N",

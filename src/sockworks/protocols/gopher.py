@@ -264,6 +264,12 @@ class GopherProtocol(StreamProtocol):
             return Reply(close=True, reason="idle timeout")
         return self._refuse("request timed out")
 
+    def awaiting_request(self) -> bool:
+        return not self.answered
+
+    def on_request_timeout(self) -> Output:
+        return self._refuse("request timed out")
+
     def on_writable(self) -> Output:
         if self._stream is None:
             return None

@@ -96,6 +96,13 @@ class Greeting(StreamProtocol):
         _greeting_log.info("%s timed out waiting for the token", self.peer)
         return Reply(close=True, reason="timed out")
 
+    def awaiting_request(self) -> bool:
+        return True  # until the token is decided (then the connection closes)
+
+    def on_request_timeout(self) -> Output:
+        _greeting_log.info("%s timed out sending the token", self.peer)
+        return Reply(close=True, reason="request timed out")
+
     def _answer(self, token: bytes, reason: str | None = None) -> Reply:
         if hmac.compare_digest(token, self.token):
             return close(self.WELCOME, reason="token accepted")
@@ -132,6 +139,9 @@ class CharCount(StreamProtocol):
     def on_eof(self) -> Output:
         rest = self.buffer.take_rest()
         return self._count(rest) if rest else Reply(close=True, reason="no line")
+
+    def awaiting_request(self) -> bool:
+        return True  # until its one line is answered (then it closes)
 
     @staticmethod
     def _count(line: bytes) -> Reply:

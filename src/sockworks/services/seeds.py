@@ -27,7 +27,7 @@ SEED_SERVICES: tuple[ServiceSpec, ...] = (
         stream_only(lambda o: seeds.Greeting(o.token.encode(), o.limits.max_line)),
         try_it="echo 1 | nc 127.0.0.1 8001",
         # The seed's connection.settimeout(5).
-        limits={"idle_timeout": 5.0},
+        limits={"idle_timeout": 5.0, "request_timeout": 5.0},
     ),
     ServiceSpec(
         "thanks",
