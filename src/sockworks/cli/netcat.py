@@ -104,6 +104,10 @@ def _common_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
                      help="SO_BROADCAST (udp)")
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls", action="store_true", help="speak TLS")
+    tls.add_argument("--handshake-timeout", type=seconds, default=10.0, metavar="SECONDS",
+                     help="a TLS handshake that takes longer fails (default 10; 0: no limit)"
+                     + ("; unfinished handshakes also give way to newcomers at --max-conns"
+                        if listening else ""))
     tls.add_argument("--cafile", metavar="PEM",
                      help="CAs to trust instead of the system store"
                      + ("; with --require-client-cert, the CA of clients" if listening else ""))
@@ -141,6 +145,7 @@ def _options(args: argparse.Namespace, *, listening: bool) -> NetcatOptions:
         send_only=args.send_only,
         recv_only=args.recv_only,
         connect_timeout=args.timeout or None,
+        handshake_timeout=args.handshake_timeout or None,
         idle_timeout=args.idle_timeout or None,
         family=args.family,
         source=getattr(args, "source", None),
@@ -175,6 +180,7 @@ def _hooks(args: argparse.Namespace) -> Hooks:
         prompt=lambda: _stderr("> "),
         listening=listening,
         event=event if args.verbose else None,
+        warning=event,  # failed TLS handshakes of listen -k: shown without -v
     )
 
 

@@ -20,6 +20,7 @@ import socket
 import ssl
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,11 @@ from ._tls import TLSOptions, TLSStream, client_context, describe_tls_error, ser
 # Python's per-chunk cost vanishes next to the kernel's copying; small
 # enough to stay in L2 cache.
 BUFSIZE = 256 * 1024
+# After a failed TLS handshake the socket is kept this long (without
+# blocking) so that the alert saying why reaches a peer that is still
+# sending: closing with its data unread would send RST, which can destroy
+# the alert. Bounded, because a peer that holds on costs a descriptor.
+ABORT_LINGER = 1.0
 # The largest UDP payload over IPv4; stdin reads are cut to this size in
 # datagram mode so that each read becomes exactly one datagram.
 MAX_DATAGRAM = 65507
@@ -68,6 +74,11 @@ class NetcatOptions:
     recv_only: bool = False
     # Seconds to wait for a connection (and its TLS handshake); None: the OS's.
     connect_timeout: float | None = None
+    # Seconds a TLS handshake may take, on both sides; None: no limit. A
+    # peer that sends half a ClientHello and stops (or a server that never
+    # answers ours) would otherwise hold its socket, and a --keep-open
+    # listener's slot, forever; 10 s is ample for any real client.
+    handshake_timeout: float | None = 10.0
     # Seconds with no data either way before giving up; None: never.
     idle_timeout: float | None = None
     # socket.AF_INET / AF_INET6 for -4 / -6; AF_UNSPEC: whatever resolves.
@@ -125,17 +136,27 @@ class Hooks:
     # Connections opened, refused, closed; errors that do not end a
     # --keep-open listener.
     event: Callable[[str], None] | None = None
+    # What a person should see even without -v: a --keep-open listener's
+    # failed TLS handshakes, one line each with the peer and why. When
+    # unset these go to ``event``.
+    warning: Callable[[str], None] | None = None
 
 
 class _Conn:
-    __slots__ = ("addr", "closed", "dgram", "eof", "handshaking", "last", "out", "peer",
-                 "shut", "sock", "targets", "tls", "want")
+    __slots__ = ("addr", "closed", "dgram", "eof", "handshaking", "host", "last", "lingering",
+                 "out", "peer", "shut", "sock", "targets", "tls", "until", "want")
 
     def __init__(self, sock: socket.socket | TLSStream, peer: str, *, dgram: bool = False,
-                 tls: bool = False, handshaking: bool = False) -> None:
+                 tls: bool = False, handshaking: bool = False, host: str = "") -> None:
         # A socket, or a TLSStream offering the same few methods.
         self.sock: Any = sock
         self.peer = peer
+        # The peer's address without the port: whose handshakes give way first.
+        self.host = host
+        # Handshaking: when it times out. Lingering: when we stop waiting.
+        self.until: float | None = None
+        # A failed handshake's socket, kept a moment for its alert to leave.
+        self.lingering = False
         self.dgram = dgram
         self.tls = tls
         self.handshaking = handshaking
@@ -268,8 +289,13 @@ def _prepare(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions,
             ) from None
 
 
-def _tls_client(sock: socket.socket, endpoint: Endpoint, tls: TLSOptions,
-                timeout: float | None) -> TLSStream:
+def _tls_client(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions) -> TLSStream:
+    assert options.tls is not None
+    tls = options.tls
+    # The handshake waits for the sooner of --handshake-timeout and --timeout.
+    limits = [(t, flag) for t, flag in ((options.handshake_timeout, "--handshake-timeout"),
+                                        (options.connect_timeout, "--timeout")) if t]
+    timeout, flag = min(limits) if limits else (None, "")
     context = client_context(tls)
     name = tls.servername or (endpoint.host if endpoint.is_inet else None)
     if not context.check_hostname:
@@ -282,6 +308,10 @@ def _tls_client(sock: socket.socket, endpoint: Endpoint, tls: TLSOptions,
         stream.abort()
         stream.close()
         raise NetworkError(describe_tls_error(exc, str(endpoint), name)) from None
+    except TimeoutError:
+        stream.close(wait=False)
+        raise NetworkError(f"TLS handshake with {endpoint} failed: "
+                           f"timed out after {timeout:g} s ({flag})") from None
     except OSError as exc:
         stream.close()
         raise NetworkError(describe_error(exc, str(endpoint))) from None
@@ -332,7 +362,7 @@ def connect(
     sock.setblocking(False)
     stream: socket.socket | TLSStream = sock
     if options.tls is not None:
-        stream = _tls_client(sock, ep, options.tls, options.connect_timeout)
+        stream = _tls_client(sock, ep, options)
     conn = _Conn(stream, str(ep), dgram=not ep.is_stream, tls=options.tls is not None)
     if conn.dgram:
         conn.targets = [None]
@@ -419,6 +449,9 @@ class _Relay:
         self.sel = selectors.PollSelector()
         self.masks: dict[object, int] = {}
         self.conns: list[_Conn] = []
+        # Failed TLS handshakes, kept a moment for their alert (ABORT_LINGER),
+        # oldest first; not connections any more: not in conns, not counted.
+        self.lingering: list[_Conn] = []
         self.accepted = 0
         self.rbuf = bytearray(BUFSIZE)
         self.rview = memoryview(self.rbuf)
@@ -441,6 +474,11 @@ class _Relay:
     def _event(self, text: str) -> None:
         if self.hooks.event:
             self.hooks.event(text)
+
+    def _warn(self, text: str) -> None:
+        report = self.hooks.warning or self.hooks.event
+        if report:
+            report(text)
 
     def _set_mask(self, key: object, fileobj: int | socket.socket, mask: int) -> None:
         old = self.masks.get(key, 0)
@@ -469,9 +507,14 @@ class _Relay:
             return
         conn.closed = True
         self._set_mask(conn, conn.sock, 0)
-        if conn in self.conns:
+        if conn.lingering:
+            self.lingering.remove(conn)
+        elif conn in self.conns:
             self.conns.remove(conn)
-        if conn.sock is not self.listener:
+        if conn.tls:
+            # One of many (--keep-open): never wait for a peer that reads nothing.
+            conn.sock.close(wait=not self.options.keep_open)
+        elif conn.sock is not self.listener:
             conn.sock.close()
 
     def _targets(self) -> list[_Conn]:
@@ -515,6 +558,9 @@ class _Relay:
                     elif tag == _LISTENER:
                         self._accept()
                     elif isinstance(tag, _Conn) and not tag.closed:
+                        if tag.lingering:
+                            self._linger_io(tag, mask)
+                            continue
                         if tag.handshaking:
                             self._handshake(tag)
                             continue
@@ -526,7 +572,7 @@ class _Relay:
         except _StdoutClosed:
             pass  # `sockworks connect … | head`: the reader has what it wanted
         finally:
-            for conn in list(self.conns):
+            for conn in [*self.conns, *self.lingering]:
                 self._close(conn)
             if self.listener is not None and _LISTENER in self.masks:
                 self.sel.unregister(self.listener)
@@ -538,9 +584,19 @@ class _Relay:
         if self.stdin is not None:
             self._set_mask(_STDIN, self.stdin, selectors.EVENT_READ if want_stdin else 0)
         if self.listener is not None:
-            accepting = (len(self.conns) < self.options.max_conns if self.options.keep_open
-                         else self.accepted == 0)
+            if self.options.keep_open:
+                # Unfinished handshakes give way to a newcomer (_make_room):
+                # while one is in progress there is room to accept.
+                accepting = len(self.conns) < self.options.max_conns or any(
+                    c.handshaking for c in self.conns)
+            else:
+                accepting = self.accepted == 0
             self._set_mask(_LISTENER, self.listener, selectors.EVENT_READ if accepting else 0)
+        for conn in self.lingering:
+            mask = selectors.EVENT_READ
+            if conn.sock.has_output:
+                mask |= selectors.EVENT_WRITE
+            self._set_mask(conn, conn.sock, mask)
         for conn in self.conns:
             if conn.handshaking:
                 mask = conn.want
@@ -561,6 +617,9 @@ class _Relay:
                 deadlines.append(self.last + idle)
         if self.prompt_due is not None:
             deadlines.append(self.prompt_due)
+        deadlines.extend(c.until for c in self.conns if c.handshaking and c.until is not None)
+        if self.lingering:
+            deadlines.append(self.lingering[0].until or now)  # the oldest ends first
         accept_by = self._accept_deadline()
         if accept_by is not None:
             deadlines.append(accept_by)
@@ -596,6 +655,11 @@ class _Relay:
         linger = self._linger_deadline()
         if linger is not None and now >= linger:
             self.done = True
+        for conn in [c for c in self.conns if c.handshaking and c.until is not None
+                     and now >= c.until]:
+            self._handshake_timed_out(conn)
+        while self.lingering and now >= (self.lingering[0].until or now):
+            self._close(self.lingering[0])
         idle = self.options.idle_timeout
         if not idle:
             return
@@ -839,8 +903,12 @@ class _Relay:
         except OSError:
             pass
         if self.context is not None:
+            if self.options.keep_open and len(self.conns) >= self.options.max_conns:
+                self._make_room(peer.host)
             tsock = TLSStream(sock, self.context, server_side=True)
-            conn = _Conn(tsock, str(peer), tls=True, handshaking=True)
+            conn = _Conn(tsock, str(peer), tls=True, handshaking=True, host=peer.host)
+            if self.options.handshake_timeout:
+                conn.until = time.monotonic() + self.options.handshake_timeout
             self.conns.append(conn)
             self._handshake(conn)
             return
@@ -859,21 +927,83 @@ class _Relay:
             self._conn_failed(conn, exc)
             return
         conn.handshaking = False
+        conn.until = None
         self.conns.remove(conn)
         self.add(conn)
         if conn.sock.pending():  # data that came with the handshake's last flight
             self._read_conn(conn)
 
+    def _make_room(self, host: str) -> None:
+        """--max-conns reached, a newcomer from ``host`` accepted: the oldest
+        unfinished handshake of the address with the most of them (the
+        newcomer counted) gives way. Handshakes hold a slot only until
+        someone needs it, and a flood from one address displaces itself,
+        never a client on another address."""
+        shaking = [c for c in self.conns if c.handshaking]  # oldest first
+        counts = Counter(c.host for c in shaking)
+        counts[host] += 1
+        top = max(counts.values())
+        victim = next((c for c in shaking if counts[c.host] == top), None)
+        if victim is not None:
+            self._warn(f"TLS handshake with {victim.peer} failed: unfinished at --max-conns "
+                       f"{self.options.max_conns}, dropped to make room for a newcomer")
+            self._close(victim)
+
+    def _handshake_timed_out(self, conn: _Conn) -> None:
+        message = (f"TLS handshake with {conn.peer} failed: timed out after "
+                   f"{self.options.handshake_timeout:g} s (--handshake-timeout)")
+        self._close(conn)
+        if not self.options.keep_open:
+            raise NetworkError(message)
+        self._warn(message)
+
     def _conn_failed(self, conn: _Conn, exc: BaseException) -> None:
         message = describe_error(exc, conn.peer)
-        if conn.tls and isinstance(exc, ssl.SSLError):
-            conn.sock.abort()
         if self.options.keep_open:
-            self._event(message)
-            self._close(conn)
+            if conn.handshaking and not conn.sock.received and isinstance(
+                    exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError):
+                # Came and went without a byte (a port probe, a health
+                # check): no TLS was attempted, so nothing failed.
+                self._event(f"{conn.peer} closed the connection")
+                self._close(conn)
+                return
+            # Failed handshakes at the default level: a person running the
+            # listener should see who fails and why without -v.
+            (self._warn if conn.handshaking else self._event)(message)
+            if conn.tls and isinstance(exc, ssl.SSLError):
+                self._linger(conn)
+            else:
+                self._close(conn)
             return
+        if conn.tls and isinstance(exc, ssl.SSLError):
+            conn.sock.abort()  # nothing else to serve: blocking briefly costs no one
         self._close(conn)
         raise NetworkError(message)
+
+    def _linger(self, conn: _Conn) -> None:
+        """A failed TLS connection of a --keep-open listener: its alert and
+        FIN go out, and what it still sends is read and dropped, all from
+        the loop, for at most ABORT_LINGER seconds."""
+        self.conns.remove(conn)
+        conn.lingering = True
+        conn.until = time.monotonic() + ABORT_LINGER
+        self.lingering.append(conn)
+        try:
+            conn.sock.start_abort()
+        except OSError:
+            self._close(conn)
+            return
+        if len(self.lingering) > self.options.max_conns:
+            self._close(self.lingering[0])  # bounded: the oldest has had most of its moment
+
+    def _linger_io(self, conn: _Conn, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                conn.sock.flush()
+            if mask & selectors.EVENT_READ and conn.sock.drain():
+                self._close(conn)  # the peer has closed: nothing left to protect
+        except OSError:
+            self._close(conn)
 
 
 def scan(

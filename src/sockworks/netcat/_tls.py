@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import ssl
@@ -99,33 +100,71 @@ _VERIFY_CODES = {
 }
 
 
+# OpenSSL's reason codes (``ssl.SSLError.reason``) a person meets in a
+# handshake, in words; the first fragment found in the reason wins. The
+# error's own text names OpenSSL source files ("(_ssl.c:1006)"): never shown.
+_REASONS = (
+    ("HTTPS_PROXY_REQUEST", "not TLS (an HTTP proxy request)"),
+    ("HTTP_REQUEST", "not TLS (plaintext HTTP?)"),
+    ("WRONG_VERSION_NUMBER", "not TLS (plaintext?)"),
+    ("UNKNOWN_PROTOCOL", "not TLS (plaintext?)"),
+    ("RECORD_LAYER_FAILURE", "not TLS (plaintext?)"),
+    ("PACKET_LENGTH_TOO_LONG", "not TLS (plaintext?)"),
+    ("UNSUPPORTED_PROTOCOL", "protocol version: no TLS version in common"),
+    ("PROTOCOL_VERSION", "protocol version: no TLS version in common"),
+    ("NO_PROTOCOLS_AVAILABLE", "protocol version: no TLS version in common"),
+    ("VERSION_TOO_LOW", "protocol version: no TLS version in common"),
+    ("UNKNOWN_CA", "the peer does not trust our certificate's CA (unknown CA)"),
+    ("CERTIFICATE_REQUIRED", "a client certificate is required"),
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "a client certificate is required"),
+    ("CERTIFICATE_EXPIRED", "the peer says our certificate has expired"),
+    ("BAD_CERTIFICATE", "the peer rejected the certificate"),
+    ("CERTIFICATE_UNKNOWN", "the peer rejected the certificate"),
+    ("NO_SHARED_CIPHER", "no cipher in common"),
+    ("HANDSHAKE_FAILURE", "the peer refused the handshake (no cipher or version in common?)"),
+    ("DECRYPTION_FAILED", "corrupt TLS data"),
+    ("BAD_RECORD_MAC", "corrupt TLS data"),
+    ("DECODE_ERROR", "malformed TLS message"),
+    ("LENGTH_MISMATCH", "malformed TLS message"),
+)
+
+
+def tls_failure_reason(exc: ssl.SSLError) -> str:
+    """A failed handshake's cause in plain words ("not TLS (plaintext?)",
+    "unknown CA", "protocol version…"), never an OpenSSL file name."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_CODES.get(exc.verify_code) or _plain(
+            str(exc.verify_message or exc.reason or "certificate verification failed"))
+    reason = str(exc.reason or "").upper()
+    for fragment, words in _REASONS:
+        if fragment in reason:
+            return words
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or "EOF" in reason:
+        return "the peer closed the connection mid-TLS"
+    if reason:
+        return reason.lower().replace("_", " ")
+    return _plain(exc.strerror or (str(exc.args[-1]) if exc.args else ""))
+
+
+def _plain(text: str) -> str:
+    # "[SSL: X] words (_ssl.c:1006)" -> "words"
+    text = re.sub(r"^\[[^]]*\]\s*", "", text)
+    return re.sub(r"\s*\([^()]*\.c:\d+\)", "", text).strip() or "TLS error"
+
+
 def describe_tls_error(exc: ssl.SSLError, where: str, servername: str | None = None) -> str:
     """One line for a failed handshake: expired, wrong host, unknown CA…"""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH / IP_ADDRESS_MISMATCH
+        if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH / IP_ADDRESS_MISMATCH
             what = f"certificate is not valid for host {servername!r}" if servername else (
                 "certificate is not valid for this host name")
         else:
-            what = _VERIFY_CODES.get(code) or str(exc.verify_message or exc.reason)
+            what = tls_failure_reason(exc)
         return f"TLS: cannot verify the certificate of {where}: {what}"
-    reason = str(exc.reason or "").upper()
-    if "WRONG_VERSION_NUMBER" in reason or "UNKNOWN_PROTOCOL" in reason or (
-        "RECORD_LAYER_FAILURE" in reason
-    ):
-        return f"TLS handshake with {where} failed: the peer does not speak TLS"
-    if "UNKNOWN_CA" in reason:
-        return f"TLS handshake with {where} failed: the peer does not trust our certificate's CA"
-    if "CERTIFICATE_REQUIRED" in reason or "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason:
-        return f"TLS handshake with {where} failed: a client certificate is required"
-    if "CERTIFICATE_EXPIRED" in reason:
-        return f"TLS handshake with {where} failed: the peer says our certificate has expired"
-    if "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
-        return f"TLS handshake with {where} failed: the peer rejected the certificate"
-    if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:
-        return f"TLS with {where} failed: the peer closed the connection mid-TLS"
-    text = reason.lower().replace("_", " ") if reason else str(exc)
-    return f"TLS handshake with {where} failed: {text}"
+    what = tls_failure_reason(exc)
+    if what == "the peer closed the connection mid-TLS":
+        return f"TLS with {where} failed: {what}"
+    return f"TLS handshake with {where} failed: {what}"
 
 
 class TLSStream:
@@ -155,15 +194,22 @@ class TLSStream:
         self._eof_in = False
         self._closing = False
         self._notified = False
+        self._aborting = False
         self._fin_sent = False
+        # Whether the peer ever sent a byte: one that connects and closes
+        # without a word (a port probe) has not failed a handshake.
+        self.received = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     @property
     def has_output(self) -> bool:
-        return bool(self._raw) or self._out.pending > 0 or (
-            self._notified and not self._fin_sent)
+        return bool(self._raw) or self._out.pending > 0 or self._fin_due
+
+    @property
+    def _fin_due(self) -> bool:
+        return (self._notified or self._aborting) and not self._fin_sent
 
     def flush(self) -> bool:
         """Send what is encrypted; True when nothing is left."""
@@ -175,7 +221,7 @@ class TLSStream:
             except BlockingIOError:
                 return False
             del self._raw[:sent]
-        if self._notified and not self._fin_sent:
+        if self._fin_due:
             self._fin_sent = True
             try:
                 # After close_notify, the FIN: for peers that read the raw socket.
@@ -193,6 +239,7 @@ class TLSStream:
         except BlockingIOError:
             return False
         if data:
+            self.received = True
             self._in.write(data)
         else:
             self._eof_in = True
@@ -231,8 +278,8 @@ class TLSStream:
             if not any(select.select(readable, writable, [], left)[:2]):
                 raise TimeoutError("TLS handshake timed out")
         while self._raw or self._out.pending:
-            if not self.flush():
-                select.select([], [self.sock], [], 1.0)
+            if not self.flush() and not select.select([], [self.sock], [], 1.0)[1]:
+                break  # a peer that takes nothing: the relay sends the rest
 
     def recv_into(self, buffer: bytearray | memoryview) -> int:
         while True:
@@ -275,9 +322,31 @@ class TLSStream:
         except ssl.SSLError:
             pass  # SSLWantReadError: ours is sent, theirs has not come (and need not)
 
+    def start_abort(self) -> None:
+        """After a failed handshake, without blocking: queue the alert that
+        says why, then a FIN. The caller keeps the socket a moment, calling
+        :meth:`flush` when writable and :meth:`drain` when readable:
+        closing with the peer's data unread would send RST, and the RST can
+        destroy the alert before the peer reads it."""
+        self._aborting = True
+        self.flush()
+
+    def drain(self) -> bool:
+        """Read and drop what the peer still sends; True at its EOF (or error)."""
+        try:
+            for _ in range(16):  # bounded: a peer that floods us gets closed later
+                if not self.sock.recv(65536):
+                    return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return False
+
     def abort(self) -> None:
-        """After a failed handshake: let the alert that says why reach the
-        peer (closing with its data unread would send RST and destroy it)."""
+        """After a failed handshake, when nothing else waits on us (a
+        connect, a one-connection listen that is ending): the alert, then
+        up to a second for the peer's FIN, blocking."""
         try:
             self.sock.settimeout(1.0)
             self.sock.sendall(bytes(self._raw) + self._out.read())
@@ -288,11 +357,16 @@ class TLSStream:
         except OSError:
             pass
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Close; ``wait``: first spend up to a second sending what is left
+        (end of a session), else one try without blocking (one of many)."""
         if self._raw or self._out.pending:
             try:
-                self.sock.settimeout(1.0)
-                self.sock.sendall(bytes(self._raw) + self._out.read())
+                if wait:
+                    self.sock.settimeout(1.0)
+                    self.sock.sendall(bytes(self._raw) + self._out.read())
+                else:
+                    self.flush()
             except OSError:
                 pass
         self.sock.close()
