@@ -14,6 +14,7 @@ import datetime
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from _netcat_helpers import (
     tcp_address,
     tls_bystander,
 )
+
+from sockworks.netcat import NetcatOptions, describe_tls_error
 
 MIB = 1 << 20
 
@@ -218,6 +221,37 @@ def test_tls_listen_handshake_timeout(procs: Procs, pki: dict[str, str]) -> None
     assert re.search(r"TLS handshake with 127\.0\.0\.1:\d+ failed: .*timed out", lines[0]), lines
 
 
+def test_tls_plain_listen_handshake_timeout(procs: Procs, pki: dict[str, str]) -> None:
+    # Without -k the one connection was the exchange: its timeout ends it, status 1.
+    listener = procs.sockworks("listen", "--tls", "--cert", pki["good"],
+                               "--handshake-timeout", "0.3", "tcp:127.0.0.1:0", name="listen")
+    with socket.create_connection(tcp_address(listener.endpoint()), timeout=10) as staller:
+        staller.sendall(PARTIAL_CLIENT_HELLO)
+        assert listener.wait() == 1
+    lines = listener.err.strip().splitlines()
+    assert len(lines) == 2 and "timed out after 0.3 s (--handshake-timeout)" in lines[1], lines
+
+
+def test_tls_failure_reasons_are_plain_words() -> None:
+    # Real errors from a server-side TLS object fed what peers send.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(context)
+    cases = [(b"GET / HTTP/1.0\r\n\r\n", "not TLS (plaintext HTTP?)"),
+             (b"SSH-2.0-OpenSSH_9.2\r\n", "not TLS (plaintext?)"),
+             (b"\0" * 32, "not TLS (plaintext?)"),
+             (PARTIAL_CLIENT_HELLO, "closed the connection")]
+    for data, words in cases:
+        incoming = ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, ssl.MemoryBIO(), server_side=True)
+        incoming.write(data)
+        incoming.write_eof()
+        with pytest.raises(ssl.SSLError) as caught:
+            tls.do_handshake()
+        line = describe_tls_error(caught.value, "127.0.0.1:4000")
+        assert "127.0.0.1:4000" in line and words in line, (data, line)
+        assert not OPENSSL_NOISE.search(line), line
+
+
 def test_tls_connect_handshake_timeout(procs: Procs) -> None:
     # A server that accepts (the kernel does, into the backlog) and never answers.
     with socket.create_server(("127.0.0.1", 0)) as silent:
@@ -231,6 +265,4 @@ def test_tls_connect_handshake_timeout(procs: Procs) -> None:
 
 
 def test_tls_handshake_timeout_defaults() -> None:
-    from sockworks.netcat import NetcatOptions
-
     assert NetcatOptions().handshake_timeout == 10.0
