@@ -143,7 +143,7 @@ def check_output_type(data: object, where: str) -> None:
 class ConnectionStats:
     """Peer, local address, start time, byte counters and the close reason."""
 
-    __slots__ = ("bytes_in", "bytes_out", "local", "peer", "reason", "started")
+    __slots__ = ("bytes_in", "bytes_out", "local", "note", "peer", "reason", "started")
 
     def __init__(self, peer: Peer, local: Peer | None = None) -> None:
         self.peer = peer
@@ -152,6 +152,8 @@ class ConnectionStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.reason: str | None = None
+        # What the peer asked for (a Gopher selector): on the closing line.
+        self.note: str | None = None
 
     def set_reason(self, reason: str | None) -> None:
         """Keep the first reason given: it is the cause, later ones follow it."""
@@ -355,6 +357,8 @@ class ConnectionGroup:
         log = self.log
         if log.isEnabledFor(logging.INFO):
             why = f" ({stats.reason})" if stats.reason else ""
+            if stats.note is not None:
+                why += f", asked {stats.note}"
             log.info(
                 "%s closed after %.3f s, %d B in, %d B out%s",
                 stats.peer,

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._config import Limits
+
 
 @dataclass(frozen=True, slots=True)
 class FileSpan:
@@ -105,6 +107,12 @@ class StreamProtocol:
     # whose sessions normally end that way (chargen); None: "reset by peer".
     peer_gone_reason: str | None = None
 
+    # The service's limits (``--max-line``, ``--timeout`` …): set by the
+    # driver on each new instance before any callback, so a protocol reads
+    # them without plumbing of its own (``LineBuffer(self.limits.max_line)``
+    # in ``on_connect``). The class default is the defaults.
+    limits: Limits = Limits()
+
     def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
         """A peer connected to ``local`` (our address: a listener's IP and
         port, or its Unix path). Protocols that take only ``peer`` are
@@ -133,6 +141,12 @@ class StreamProtocol:
         default, False, never applies it."""
         return False
 
+    def request_summary(self) -> str | None:
+        """What the peer asked for, for the connection's closing log line
+        (Gopher: the selector); None for nothing. Keep it short and
+        printable: it is logged as given."""
+        return None
+
     def on_request_timeout(self) -> Output:
         """A request was not complete within the request timeout (a slow
         drip keeps the idle timer happy, not this one)."""
@@ -148,6 +162,9 @@ class DatagramProtocol:
 
     One instance per listening socket. Return the reply to ``peer``, if any.
     """
+
+    # The service's limits, set by the driver as for stream protocols.
+    limits: Limits = Limits()
 
     def on_datagram(self, data: bytes, peer: Peer) -> bytes | None:
         return None

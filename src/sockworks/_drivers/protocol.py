@@ -122,6 +122,7 @@ class ProtocolConnection(StreamCore):
     def __init__(self, proto: StreamProtocol, group: ConnectionGroup) -> None:
         super().__init__(group)
         self.proto = proto
+        proto.limits = group.limits
         self.want_writable = False
         self.sending_file = False
         self.offloading = False
@@ -148,6 +149,11 @@ class ProtocolConnection(StreamCore):
 
     def finished(self) -> None:
         self.group.unwatch_requests(self)
+        if self.started:
+            try:
+                self.stats.note = self.proto.request_summary()
+            except Exception:
+                self.group.log.exception("%s: error in request_summary", self.stats.peer)
         super().finished()
 
     # -- the request deadline (see _core.ConnectionGroup._sweep) -------------
@@ -423,6 +429,7 @@ class DatagramEndpoint(DatagramSocket):
     ) -> None:
         super().__init__(group, sock)
         self.proto = proto
+        proto.limits = group.limits
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         # The hot path: a known sender costs dict lookups, no allocation
