@@ -402,6 +402,23 @@ def test_at_least_fifty_attacks_all_refused_by_the_protocol(hole: Path) -> None:
         assert out.startswith(b"3"), (selector, out[:80])
 
 
+def test_attacks_all_refused_with_a_warm_answer_cache(hole: Path) -> None:
+    # A clock past every file's times: every answer that may be cached is.
+    site = GopherSite(FileSystemRoot(str(hole), clock=lambda: 1 << 62))
+    for warm in (b"/a.txt", b"a.txt", b"/sub/b.txt", b"/link_in"):
+        for _ in range(2):
+            t = connected(GopherProtocol(site, HOST, PORT))
+            assert t.feed(warm + b"\r\n").startswith(b"inside")
+    assert sorted(site._answers) == [b"/a.txt", b"/sub/b.txt", b"a.txt"]
+    for selector in attack_selectors(hole):
+        t = connected(GopherProtocol(site, HOST, PORT))
+        out = t.feed(selector + b"\r\n")
+        assert t.closed and SECRET not in out and not t.files, selector
+        if not selector.startswith((b"/.search", b"URL:")):
+            assert out.startswith(b"3"), (selector, out[:80])
+    assert sorted(site._answers) == [b"/a.txt", b"/sub/b.txt", b"a.txt"]
+
+
 def test_real_root_listing_leaves_out_what_it_must(hole: Path) -> None:
     site = GopherSite(FileSystemRoot(str(hole)))
     t = connected(GopherProtocol(site, HOST, PORT))

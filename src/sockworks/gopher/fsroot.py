@@ -7,27 +7,50 @@ component is checked again; the joined path is resolved with
 root's own real path; and only directories and regular files are served:
 devices, sockets and FIFOs are refused (opening a FIFO would block).
 Symlinks that stay inside the root are followed.
+
+Stamps, for the protocol's answer cache: a file reached without any
+symlink below the root can be stamped, and a stamp is re-checked per
+request with one ``lstat`` per path component (see :meth:`unchanged`
+for why that is as strict as the full resolve).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
-from typing import Literal
+import time
+from collections.abc import Callable, Iterator
+from typing import Literal, cast
 
-from .root import Forbidden, Node, NotFound
+from .root import Forbidden, Node, NotFound, Stamp
+
+# A file changed this recently may change again without its mtime or
+# ctime moving: the kernel stamps files from a coarse clock (a tick of 1 to
+# 10 ms), and some file systems keep whole seconds, FAT two. Such a file
+# is served but not stamped until it has been still this long, so that any
+# later write is sure to show in the times a stamp compares.
+SETTLE_NS = 2_000_000_000
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    # The mode holds the file type (a symlink's differs from a file's) and
+    # the permissions; the ctime moves on every write, chmod, chown, link,
+    # unlink and utime, and cannot be set back by anyone but the clock.
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class FileSystemRoot:
     """Serves the tree under ``directory``; see the module notes."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, clock: Callable[[], int] = time.time_ns) -> None:
         real = os.path.realpath(directory)
         if not os.path.isdir(real):
             raise NotADirectoryError(f"{directory}: not a directory")
         self.directory = real
         self._prefix = real.rstrip(os.sep) + os.sep
+        st = os.stat(real)
+        self._root_id = (st.st_dev, st.st_ino)
+        self._clock = clock  # nanoseconds since the epoch, as file times are
 
     def _inside(self, real: str) -> bool:
         return real == self.directory or real.startswith(self._prefix)
@@ -131,6 +154,119 @@ class FileSystemRoot:
             return b""
         finally:
             os.close(fd)
+
+    # -- stamps, for the answer cache -----------------------------------------
+    #
+    # A stamp is (the absolute path of every component from the root down,
+    # the (st_dev, st_ino) of every directory among them, the file's
+    # identity). It is only taken for a file whose resolved real path is
+    # its joined path (no symlink below the root, none at the root), after
+    # lstat (which never follows the last component) found every directory
+    # on the way a directory and the file a regular file.
+    #
+    # Why unchanged() is as strict as resolve(): the rule is that a path is
+    # served only if it resolves, all symlinks followed, inside the root.
+    # unchanged() lstats the root's own path and every component below it
+    # and accepts only if the root's path still names the root directory
+    # (same device and inode, and not a symlink), every directory on the way
+    # is still the same directory (not a symlink: lstat would report the
+    # link, whose inode and type differ), and the file is still the same
+    # regular file with the same size, mode, mtime and ctime. Then the walk
+    # root -> a -> b -> file follows no symlink below the root's path at
+    # all: the path names, inside the root, the very inode whose bytes the
+    # cache holds, unchanged since they were read. Anything else (a
+    # component swapped for a symlink, renamed, removed, the file rewritten,
+    # chmod-ed, linked or unlinked elsewhere: each moves its ctime) fails
+    # the check, and the caller falls back to the full resolve, which
+    # refuses what must be refused. The one difference: an ancestor of the
+    # root's path (outside the tree, writable only by whoever could replace
+    # the root itself) swapped for a symlink that still leads to the same
+    # root directory passes here, where the full resolve refuses it; what is
+    # served is still a file of that root directory, never one from
+    # outside it. Races between the checks and the send are those of the
+    # full resolve (it too checks, then opens by path).
+
+    def _components(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        prefix = self._prefix
+        return tuple(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
+
+    def _walk(self, paths: tuple[str, ...]) -> tuple[tuple[tuple[int, int], ...],
+                                                      os.stat_result] | None:
+        """The directory ids and the file's lstat along ``paths``, if the
+        root and every directory are what they must be and the last is a
+        regular file; None otherwise."""
+        try:
+            st = os.lstat(self.directory)
+            if (st.st_dev, st.st_ino) != self._root_id or not stat.S_ISDIR(st.st_mode):
+                return None
+            dirs: list[tuple[int, int]] = []
+            for path in paths[:-1]:
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    return None
+                dirs.append((st.st_dev, st.st_ino))
+            st = os.lstat(paths[-1])
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return tuple(dirs), st
+
+    def _stampable(self, node: Node) -> tuple[str, ...] | None:
+        if node.kind != "file" or not node.parts:
+            return None
+        paths = self._components(node.parts)
+        # resolve() found no symlink on the way, or the real path would differ.
+        return paths if node.path == paths[-1] else None
+
+    def _settled(self, st: os.stat_result) -> bool:
+        return self._clock() - max(st.st_mtime_ns, st.st_ctime_ns) >= SETTLE_NS
+
+    def stamp(self, node: Node) -> Stamp | None:
+        paths = self._stampable(node)
+        walked = None if paths is None else self._walk(paths)
+        if paths is None or walked is None:
+            return None
+        dirs, st = walked
+        if st.st_size != node.size or not self._settled(st):
+            return None
+        return (paths, dirs, _identity(st))
+
+    def read_stamped(self, node: Node, limit: int) -> tuple[bytes, Stamp | None]:
+        paths = self._stampable(node)
+        walked = None if paths is None else self._walk(paths)
+        if paths is None or walked is None:
+            return self.read(node, limit), None
+        dirs, st = walked
+        ident = _identity(st)
+        if st.st_size > limit or not self._settled(st):
+            return self.read(node, limit), None
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(paths[-1], flags)
+        except OSError:
+            return self.read(node, limit), None
+        try:
+            # The file opened is the one walked to, and it did not change
+            # while it was read: the bytes are those of the stamped file.
+            if _identity(os.fstat(fd)) != ident:
+                data = None
+            else:
+                data = os.read(fd, st.st_size + 1)
+                if len(data) != st.st_size or _identity(os.fstat(fd)) != ident:
+                    data = None
+        except OSError:
+            data = None
+        finally:
+            os.close(fd)
+        if data is None:  # it changed under us: read as ever, stamp nothing
+            return self.read(node, limit), None
+        return data, (paths, dirs, ident)
+
+    def unchanged(self, stamp: Stamp) -> bool:
+        paths, dirs, ident = stamp
+        walked = self._walk(cast("tuple[str, ...]", paths))
+        return walked is not None and walked[0] == dirs and _identity(walked[1]) == ident
 
     def chunks(self, node: Node, size: int) -> Iterator[bytes]:
         if node.kind != "file":

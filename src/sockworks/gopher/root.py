@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 
 class RootError(Exception):
@@ -69,4 +69,32 @@ class Root(Protocol):
 
     def chunks(self, node: Node, size: int) -> Iterator[bytes]:
         """A file's contents in chunks of ``size`` bytes."""
+        ...
+
+
+#: What a :class:`StampedRoot` knows of a file it can vouch for; opaque to
+#: the protocol, which only hands it back to :meth:`StampedRoot.unchanged`.
+Stamp = tuple[object, ...]
+
+
+@runtime_checkable
+class StampedRoot(Root, Protocol):
+    """A root that lets answers be cached: it can say, more cheaply than a
+    full :meth:`~Root.resolve`, that a path still names the same unchanged
+    file, inside the root. A root without these methods is never cached
+    from (the in-memory roots of the tests)."""
+
+    def read_stamped(self, node: Node, limit: int) -> tuple[bytes, Stamp | None]:
+        """What :meth:`~Root.read` returns, with the stamp of the bytes read
+        (None: not cacheable)."""
+        ...
+
+    def stamp(self, node: Node) -> Stamp | None:
+        """The stamp of a file as it is now (None: not cacheable)."""
+        ...
+
+    def unchanged(self, stamp: Stamp) -> bool:
+        """True only if the path of ``stamp`` still names, inside the root,
+        the very file it was taken from, unchanged. False sends the caller
+        back to a full resolve."""
         ...

@@ -52,7 +52,7 @@ from ..gopher.items import (
     stuff_text,
 )
 from ..gopher.requests import BadRequest, join_selector, parse_request, selector_parts, split_query
-from ..gopher.root import Node, Root, RootError
+from ..gopher.root import Node, Root, RootError, Stamp, StampedRoot
 
 SEARCH = "/.search"
 CAPS = ("caps.txt", "/caps.txt")
@@ -64,6 +64,9 @@ WHOLE_TEXT_LIMIT = 1 << 20
 TEXT_CHUNK = 256 * 1024
 # Bytes of a file read to guess its type when its extension says nothing.
 SNIFF_BYTES = 512
+# What an entry of the answer cache is counted as beyond its key and
+# bytes: the OrderedDict slot, the tuple, the stamp's paths and ints.
+ANSWER_OVERHEAD = 512
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,25 @@ class GopherSite:
     _built: deque[tuple[tuple[object, ...], bytes]] = field(
         default_factory=lambda: deque(maxlen=64)
     )
+    # Answers to file requests are kept too, keyed by the request line:
+    # a text file's stuffed bytes (up to answer_max each), a binary's
+    # FileSpan, each with the root's stamp of the file. A hit costs one
+    # lstat per path component (the root's StampedRoot.unchanged, which
+    # proves the path still names that file, unchanged, inside the root),
+    # instead of a realpath, a stat, an access, the type guess, an open,
+    # reads and dot-stuffing. Only roots that can stamp are cached from.
+    # Read and written on the event loop only: no worker thread serves
+    # files. Bounded in bytes (keys, answers and ANSWER_OVERHEAD each);
+    # least recently used first out. 0 turns it off.
+    answer_cache_bytes: int = 16 << 20
+    answer_max: int = 256 << 10
+    _answers: OrderedDict[bytes, tuple[Stamp, Reply, int]] = field(default_factory=OrderedDict)
+    _answered: int = 0
+    _stamper: StampedRoot | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.root, StampedRoot):
+            self._stamper = self.root
 
     def cached_menu(self, key: tuple[object, ...]) -> bytes | None:
         """The cached menu for ``key``, or None. On the event loop only."""
@@ -140,6 +162,34 @@ class GopherSite:
         and cached at the next :meth:`cached_menu`."""
         if len(menu) <= self.cache_bytes // 4:
             self._built.append((key, menu))
+
+    def cached_answer(self, line: bytes) -> Reply | None:
+        """The cached answer to a request line, if its file is unchanged
+        (else the entry goes, and the caller resolves in full). On the loop."""
+        entry = self._answers.get(line)
+        if entry is None:
+            return None
+        stamper = self._stamper
+        if stamper is not None and stamper.unchanged(entry[0]):
+            self._answers.move_to_end(line)
+            return entry[1]
+        del self._answers[line]
+        self._answered -= entry[2]
+        return None
+
+    def keep_answer(self, line: bytes, stamp: Stamp, reply: Reply) -> None:
+        """Cache ``reply`` to ``line`` under ``stamp``. On the loop."""
+        size = len(line) + len(reply.data) + ANSWER_OVERHEAD
+        if size > self.answer_cache_bytes or len(reply.data) > self.answer_max:
+            return
+        old = self._answers.pop(line, None)
+        if old is not None:
+            self._answered -= old[2]
+        self._answers[line] = (stamp, reply, size)
+        self._answered += size
+        while self._answered > self.answer_cache_bytes:
+            _, dropped = self._answers.popitem(last=False)
+            self._answered -= dropped[2]
 
     def _settle(self) -> None:
         while True:
@@ -288,6 +338,10 @@ class GopherProtocol(StreamProtocol):
     def answer(self, line: bytes) -> Reply:
         """The reply to one request line (without CRLF)."""
         self.answered = True
+        if self.site._answers:
+            cached = self.site.cached_answer(line)
+            if cached is not None:
+                return cached
         try:
             return self._answer(line)
         except BadRequest as exc:
@@ -317,13 +371,28 @@ class GopherProtocol(StreamProtocol):
             # The first line goes out at once: the client sees its query
             # taken while the search runs on a worker thread.
             return self._offload(lambda: self._search(start, text), first=_search_header(text))
-        node = self.root.resolve(selector_parts(selector))
+        parts = selector_parts(selector)
+        node = self.root.resolve(parts)
         if node.kind == "dir":
             return self._menu_reply(node)
+        # The answer is cached under the request line when the line is
+        # the file's own selector (with or without its leading /, a Gopher+
+        # marker at most): the many other spellings of one file (trailing
+        # slashes, a search query a file ignores) would only crowd it out.
+        stamper = self.site._stamper
+        key = line if (
+            stamper is not None and request.query is None
+            and selector.lstrip("/") == "/".join(parts) and self.site.answer_cache_bytes
+        ) else None
         kind = self._type(node)
         if kind in TEXT_TYPES:
-            return self._text(node)
-        return Reply(file=FileSpan(node.path, 0, node.size), close=True)
+            return self._text(node, key)
+        reply = Reply(file=FileSpan(node.path, 0, node.size), close=True)
+        if key is not None and stamper is not None:
+            stamp = stamper.stamp(node)
+            if stamp is not None:
+                self.site.keep_answer(key, stamp, reply)
+        return reply
 
     def _offload(self, work: Callable[[], bytes], first: bytes = b"") -> Reply:
         """``first`` sent at once, then ``work()`` run by the driver on a
@@ -343,9 +412,17 @@ class GopherProtocol(StreamProtocol):
 
         return Reply(data=first, offload=run)
 
-    def _text(self, node: Node) -> Reply:
+    def _text(self, node: Node, key: bytes | None = None) -> Reply:
         if node.size <= WHOLE_TEXT_LIMIT:
-            return Reply(data=stuff_text(self.root.read(node, WHOLE_TEXT_LIMIT + 1)), close=True)
+            stamper = self.site._stamper
+            if key is None or stamper is None or node.size > self.site.answer_max:
+                return Reply(data=stuff_text(self.root.read(node, WHOLE_TEXT_LIMIT + 1)),
+                             close=True)
+            data, stamp = stamper.read_stamped(node, WHOLE_TEXT_LIMIT + 1)
+            reply = Reply(data=stuff_text(data), close=True)
+            if stamp is not None:
+                self.site.keep_answer(key, stamp, reply)
+            return reply
         self._stream = self._stuffed(node)
         return Reply(more=True)
 
