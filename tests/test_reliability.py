@@ -130,3 +130,57 @@ def test_slow_drip_is_cut_off_by_the_request_deadline(
         assert "request timed out" in proc.log, (service, proc.log)
         # Never early; generous above for a loaded machine.
         assert 0.8 <= held < 5, (service, held)
+
+
+def test_out_of_descriptors_the_server_keeps_serving(tmp_path: Path) -> None:
+    """At a descriptor limit of 64, 150 connections at once: the excess is
+    turned away or waits, never a traceback, and once they are gone a new
+    client is served (the accept path must not stop for good)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, runpy, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "sys.argv = ['sockworks'] + sys.argv[1:]\n"
+        "runpy.run_module('sockworks', run_name='__main__')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "echo", "-l", "tcp:127.0.0.1:0",
+         "--per-source", "0", "--grace", "1"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        port = int(re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+        flood = []
+        for _ in range(150):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            flood.append(s)
+        # Make sure the server has seen the flood: one of them echoes.
+        probe = flood[0]
+        probe.setblocking(True)
+        probe.settimeout(10)
+        probe.sendall(b"x")
+        assert probe.recv(1) == b"x"
+        for s in flood:
+            s.close()
+        # A fresh client is served once descriptors are free again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                    c.sendall(b"ping")
+                    if c.recv(4) == b"ping":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server stopped accepting"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "Traceback" not in err, err

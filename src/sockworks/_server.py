@@ -27,6 +27,8 @@ from ._sockets import BoundSocket, apply_options, bind, format_peer
 
 log = logging.getLogger("sockworks.server")
 
+# After an out-of-descriptors error, how long before accepting again.
+_RETRY_ACCEPT = 0.5
 # Connections accepted per wake-up of a listener: high enough to drain a
 # burst, low enough that one busy listener cannot starve the others.
 _ACCEPT_BATCH = 64
@@ -114,9 +116,12 @@ class _SocketListener:
                     # Out of descriptors or memory: stop accepting for a
                     # moment rather than spin; queued peers wait in the
                     # backlog.
-                    group.log.warning("accept failed: %s; pausing accepts for 0.5 s", exc.strerror)
+                    group.log.warning(
+                        "accept failed: %s; pausing accepts for %.1f s",
+                        exc.strerror, _RETRY_ACCEPT,
+                    )
                     self.pause()
-                    self._retry = group.loop.call_later(0.5, self.resume)
+                    self._retry = group.loop.call_later(_RETRY_ACCEPT, self.resume)
                     return
                 raise
             conn.setblocking(False)
@@ -164,6 +169,7 @@ class _TransportListener:
         self._opening = False
         self._paused = True
         self._closed = False
+        self._retry: asyncio.TimerHandle | None = None
 
     def resume(self) -> None:
         if not self._paused or self._closed:
@@ -184,12 +190,28 @@ class _TransportListener:
                 )
             else:
                 server = await loop.create_server(self.factory, sock=dup, backlog=backlog)
-        finally:
+        except OSError as exc:
+            # Out of descriptors (the duplicate) or memory: try again soon
+            # rather than stop serving; peers wait in the backlog meanwhile.
             self._opening = False
+            self.group.log.warning(
+                "cannot accept on %s: %s; retrying in %.1f s",
+                self.bound.endpoint, exc.strerror or exc, _RETRY_ACCEPT,
+            )
+            if not self._paused and not self._closed:
+                self._paused = True
+                self._retry = loop.call_later(_RETRY_ACCEPT, self._retry_open)
+            return
+        self._opening = False
         if self._paused or self._closed:
             server.close()
         else:
             self._server = server
+
+    def _retry_open(self) -> None:
+        self._retry = None
+        if not self.group.full:  # else the next free slot resumes it
+            self.resume()
 
     def pause(self) -> None:
         self._paused = True
@@ -199,6 +221,8 @@ class _TransportListener:
 
     def close(self) -> None:
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         self.pause()
         self.sock.close()
 
