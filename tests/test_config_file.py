@@ -4,6 +4,9 @@ the key and the reason, before anything binds; and a config that runs."""
 from __future__ import annotations
 
 import re
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,82 @@ def test_cli_runs_several_services_in_one_process(cli, tmp_path: Path) -> None: 
         s.sendall(b"three")
         assert s.recv(5) == b"three"
     assert server.stop() == 0
+
+
+# -- files that used to end in a traceback --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 100_000 + "]" * 100_000 + "\n",  # arrays 100,000 deep
+        "a = " + "{b = " * 5_000 + "1" + "}" * 5_000 + "\n",  # inline tables 5,000 deep
+        GOOD_SERVICE + "timeout = " + "[" * 300 + "]" * 300 + "\n",  # parses; a bad value
+    ],
+    ids=["arrays", "inline-tables", "shallower"],
+)
+def test_deeply_nested_file_is_one_line(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    done = run_cli("serve", "--config", str(path))
+    err = done.stderr.decode()
+    assert done.returncode == 2, err[-500:]
+    assert err.count("\n") == 1 and len(err) < 500, err[-500:]
+    assert err.startswith(f"sockworks: error: {path}: ")
+    assert "nested too deeply" in err or "expected seconds" in err
+    assert "Traceback" not in err and "listening" not in err
+
+
+def run_with_fd_limit(limit: int, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``sockworks ARGS`` with RLIMIT_NOFILE lowered to ``limit``."""
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sockworks", *args],
+        capture_output=True, timeout=15, cwd=ROOT, preexec_fn=lower,
+    )
+
+
+@pytest.mark.parametrize("listeners", [100, 40])  # over the limit; over what it can serve
+def test_more_listeners_than_the_descriptor_limit(tmp_path: Path, listeners: int) -> None:
+    endpoints = ", ".join(['"tcp:127.0.0.1:0"'] * listeners)
+    path = write(tmp_path, f"[services.echo]\nlisten = [{endpoints}]\n")
+    try:
+        done = run_with_fd_limit(64, "serve", "--config", str(path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("sockworks started serving some of the listeners")
+    err = done.stderr.decode()
+    assert done.returncode == 1, err[-1000:]
+    assert err.count("\n") == 1, err[-1000:]
+    assert err.startswith(f"sockworks: error: {path}: {listeners} listeners need about ")
+    assert "limit of 64" in err and "ulimit -n" in err and "LimitNOFILE=" in err
+    assert "Traceback" not in err and "listening" not in err
+
+
+def test_out_of_descriptors_while_binding_is_a_bind_error_and_binds_nothing() -> None:
+    # Past the CLI's check (descriptors taken by something else meanwhile):
+    # the bind loop says the same in one line and closes what it bound.
+    code = """if True:
+        import os, resource
+        from sockworks import BindError, parse_endpoint
+        from sockworks._configfile import build_service
+        from sockworks._server import Server
+        before = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before + 20, before + 20))
+        listen = [parse_endpoint("tcp:127.0.0.1:0")] * 40
+        try:
+            Server([build_service("echo", {"listen": listen})]).bind()
+        except BindError as exc:
+            print(exc)
+        print(len(os.listdir("/proc/self/fd")) - before)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=15)
+    message, left_open = done.stdout.decode().splitlines()
+    assert done.returncode == 0, done.stderr.decode()
+    assert re.fullmatch(
+        r"cannot bind tcp:127\.0\.0\.1:0: too many open files \(the limit is \d+ per process; "
+        r"raise it with `ulimit -n \d+` or LimitNOFILE=\d+ in the systemd unit\)",
+        message,
+    ), message
+    assert left_open == "0"

@@ -43,12 +43,22 @@ class _Bad(Exception):
     """A value of the wrong type or range: the reason, to be located."""
 
 
+def _show(value: Any, most: int = 60) -> str:
+    """``repr(value)`` for an error line, cut short: a value may be a
+    list nested hundreds deep or a megabyte string."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _number(what: str, *, zero: bool = False) -> Check:
     def check(v: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _Bad(f"expected {what}, got {v!r}")
+            raise _Bad(f"expected {what}, got {_show(v)}")
         if v != v or v == float("inf") or v < 0 or (v == 0 and not zero):
-            raise _Bad(f"expected {what}, got {v!r}")
+            raise _Bad(f"expected {what}, got {_show(v)}")
         return v
 
     return check
@@ -57,9 +67,9 @@ def _number(what: str, *, zero: bool = False) -> Check:
 def _whole(what: str, *, zero: bool = False, most: int | None = None) -> Check:
     def check(v: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not zero):
-            raise _Bad(f"expected {what}, got {v!r}")
+            raise _Bad(f"expected {what}, got {_show(v)}")
         if most is not None and v > most:
-            raise _Bad(f"expected {what} up to {most}, got {v!r}")
+            raise _Bad(f"expected {what} up to {most}, got {_show(v)}")
         return v
 
     return check
@@ -84,13 +94,13 @@ def _or_off(check: Check, *, zero: bool = False) -> Check:
 
 def _flag(v: Any) -> Any:
     if not isinstance(v, bool):
-        raise _Bad(f"expected true or false, got {v!r}")
+        raise _Bad(f"expected true or false, got {_show(v)}")
     return v
 
 
 def _text(v: Any) -> Any:
     if not isinstance(v, str) or not v:
-        raise _Bad(f"expected a non-empty string, got {v!r}")
+        raise _Bad(f"expected a non-empty string, got {_show(v)}")
     return v
 
 
@@ -99,7 +109,7 @@ def _list_of(check: Check, what: str) -> Check:
         if isinstance(v, (str, int)) and not isinstance(v, bool):
             v = [v]  # one item may be written alone
         if not isinstance(v, list):
-            raise _Bad(f"expected a list of {what}, got {v!r}")
+            raise _Bad(f"expected a list of {what}, got {_show(v)}")
         return tuple(check(item) for item in v)
 
     return wrapped
@@ -107,7 +117,7 @@ def _list_of(check: Check, what: str) -> Check:
 
 def _endpoint(v: Any) -> Any:
     if not isinstance(v, str):
-        raise _Bad(f"expected an endpoint string such as \"tcp:127.0.0.1:7007\", got {v!r}")
+        raise _Bad(f"expected an endpoint string such as \"tcp:127.0.0.1:7007\", got {_show(v)}")
     try:
         return parse_endpoint(v)
     except SockworksError as exc:
@@ -313,16 +323,24 @@ def load_config(path: str | Path) -> LoadedConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason})") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion: a
+        # file nested thousands deep is refused, never a traceback.
+        raise ConfigError(
+            f"{path}: cannot read: arrays or inline tables nested too deeply"
+        ) from None
     try:
         return _load(data, path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # a value nested just shallow enough to parse
+        raise ConfigError(f"{path}: values nested too deeply") from None
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a table ([{key}]), got {value!r}")
+        raise ConfigError(f"{key}: expected a table ([{key}]), got {_show(value)}")
     return value
 
 
@@ -351,7 +369,7 @@ def _load(data: Mapping[str, Any], base: Path) -> LoadedConfig:
     for name, table in services.items():
         where = f"services.{name}"
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: expected a table ([{where}]), got {table!r}")
+            raise ConfigError(f"{where}: expected a table ([{where}]), got {_show(table)}")
         settings = {**defaults, **check_settings(table, where)}
         built.append((where, build_service(name, settings, where=where, base=base)))
     check_listeners(built)

@@ -66,6 +66,45 @@ def apply_options(sock: socket.socket, options: SocketOptions, *, stream: bool, 
 
 def bind(endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
     """Bind (and listen, for streams) a socket for ``endpoint``."""
+    try:
+        return _bind(endpoint, options)
+    except BindError:
+        raise
+    except OSError as exc:
+        # Out of descriptors (more listeners than the limit allows): a
+        # person's error to fix, said in one line with the way out.
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise BindError(f"cannot bind {endpoint}: {out_of_descriptors(exc)}") from None
+        raise
+
+
+def descriptor_limit() -> int | None:
+    """This process's open-file limit (the soft one), None if unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_limit_hint(suggest: int) -> str:
+    """How a person raises the open-file limit, in the shell or under systemd."""
+    return f"raise it with `ulimit -n {suggest}` or LimitNOFILE={suggest} in the systemd unit"
+
+
+def out_of_descriptors(exc: OSError) -> str:
+    """What EMFILE or ENFILE means, with the limit and how to raise it."""
+    if exc.errno == errno.ENFILE:
+        return "the system is out of open files (raise fs.file-max with sysctl)"
+    limit = descriptor_limit()
+    if limit is None:
+        return "too many open files"
+    return (
+        f"too many open files (the limit is {limit} per process;"
+        f" {raise_limit_hint(max(4096, 2 * limit))})"
+    )
+
+
+def _bind(endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
     family, host = _family_for(endpoint)
     kind = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     sock = socket.socket(family, kind)

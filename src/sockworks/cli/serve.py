@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._access import PER_SOURCE_CAP, parse_network
 from .._configfile import SERVICE_KEYS, build_service, load_config
 from .._endpoint import parse_endpoint, parse_port
-from .._errors import ConfigError, EndpointError, UsageError
+from .._errors import BindError, ConfigError, EndpointError, UsageError
 from .._run import run_services
 from .._server import Server, ServiceConfig
+from .._sockets import descriptor_limit, raise_limit_hint
 from ..services import SERVICES, ServiceSpec, get_service
 from ._common import EXIT_OK, add_logging_options, positive_int, seconds, setup_logging
 
@@ -198,6 +200,58 @@ def service_config(
     return build_service(spec.name, settings)
 
 
+# Descriptors the process holds besides its listeners: stdio, and what the
+# event loop opens (uvloop: epoll, io_uring, wakeup pipes, an eventfd, the
+# signal socketpair - 13 measured), with room for a few connections.
+LOOP_DESCRIPTORS = 32
+
+
+def _open_descriptors() -> int:
+    for fds in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fds)) - 1  # minus the one listdir had open
+        except OSError:
+            continue
+    return 3  # stdin, stdout, stderr
+
+
+def check_descriptors(configs: Sequence[ServiceConfig]) -> None:
+    """More listeners than the open-file limit can serve is one clear line
+    before anything binds, not a traceback or a server that serves half of
+    them (the loop accepts on a duplicate of each stream listener)."""
+    limit = descriptor_limit()
+    if limit is None:
+        return
+    listeners = [e for c in configs for e in c.listen]
+    needed = (
+        _open_descriptors()
+        + LOOP_DESCRIPTORS
+        + sum(2 if e.is_stream else 1 for e in listeners)
+    )
+    if needed <= limit:
+        return
+    # Enough for every listener and a full house of connections.
+    full = needed + sum(c.limits.max_connections for c in configs)
+    suggest = max(4096, 1 << (full - 1).bit_length())
+    raise BindError(
+        f"{len(listeners)} listeners need about {needed} open files before the first "
+        f"connection, over this process's limit of {limit}; {raise_limit_hint(suggest)}"
+    )
+
+
+def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: float | None,
+          on_ready: Callable[[Server], None], where: str = "") -> None:
+    """Check the descriptors, bind and serve; bind errors name ``where``."""
+    try:
+        check_descriptors(configs)
+        setup_logging(args)
+        run_services(configs, grace=5.0 if grace is None else grace, on_ready=on_ready)
+    except BindError as exc:
+        if not where:
+            raise
+        raise BindError(f"{where}: {exc}") from None
+
+
 def announce(server: Server) -> None:
     """The ``listening on ENDPOINT`` lines scripts wait for."""
     for name, endpoint in server.endpoints:
@@ -213,21 +267,18 @@ def run_serve(args: argparse.Namespace) -> int:
                 "and options there, not on the command line"
             )
         loaded = load_config(args.config)
-        setup_logging(args)
         grace = args.grace if args.grace is not None else loaded.grace
-        run_services(loaded.services, grace=5.0 if grace is None else grace, on_ready=announce)
+        start(loaded.services, args, grace, announce, where=args.config)
         return EXIT_OK
     if args.service is None:
         raise UsageError("name a SERVICE to run, or give --config FILE.toml")
     config = service_config(get_service(args.service), args, args.listen)
-    setup_logging(args)
-    run_services([config], grace=5.0 if args.grace is None else args.grace, on_ready=announce)
+    start([config], args, args.grace, announce)
     return EXIT_OK
 
 
 def run_demo(args: argparse.Namespace) -> int:
     configs = [service_config(spec, args, ()) for spec in SERVICES.values()]
-    setup_logging(args)
 
     def ready(server: Server) -> None:
         announce(server)
@@ -236,7 +287,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {spec.name:<10} {spec.try_it:<36} # {spec.summary}")
         print("\nCtrl-C stops everything.", flush=True)
 
-    run_services(configs, grace=5.0 if args.grace is None else args.grace, on_ready=ready)
+    start(configs, args, args.grace, ready)
     return EXIT_OK
 
 
