@@ -264,9 +264,24 @@ class FileSystemRoot:
         return data, (paths, dirs, ident)
 
     def unchanged(self, stamp: Stamp) -> bool:
-        paths, dirs, ident = stamp
-        walked = self._walk(cast("tuple[str, ...]", paths))
-        return walked is not None and walked[0] == dirs and _identity(walked[1]) == ident
+        # _walk and the comparisons, inlined: this runs on every cache hit.
+        paths = cast("tuple[str, ...]", stamp[0])
+        dirs = cast("tuple[tuple[int, int], ...]", stamp[1])
+        S_ISDIR = stat.S_ISDIR
+        try:
+            st = os.lstat(self.directory)
+            if (st.st_dev, st.st_ino) != self._root_id or not S_ISDIR(st.st_mode):
+                return False
+            for i in range(len(dirs)):
+                st = os.lstat(paths[i])
+                if (st.st_dev, st.st_ino) != dirs[i] or not S_ISDIR(st.st_mode):
+                    return False
+            st = os.lstat(paths[-1])
+        except OSError:
+            return False
+        # The mode compared holds the type: a symlink's is not a file's.
+        return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns,
+                st.st_ctime_ns) == stamp[2]
 
     def chunks(self, node: Node, size: int) -> Iterator[bytes]:
         if node.kind != "file":

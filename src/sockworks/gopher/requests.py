@@ -68,6 +68,7 @@ def split_query(selector: str) -> tuple[str, str | None]:
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
 
 
 def _decoded_forms(selector: str) -> list[str]:
@@ -96,7 +97,7 @@ def selector_parts(selector: str) -> tuple[str, ...]:
     middle (``//etc``) which some servers read as absolute paths.
     """
     for form in _decoded_forms(selector):
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in form):
+        if _CONTROL.search(form):
             raise BadRequest("control character in selector")
         if "\\" in form:
             raise BadRequest("backslash in selector")

@@ -276,7 +276,8 @@ class GopherProtocol(StreamProtocol):
         advertised = site.advertise or UNIX_FALLBACK
         self.host = host if host is not None else advertised[0]
         self.port = port if port is not None else advertised[1]
-        self.buffer = LineBuffer(site.max_request)
+        # Made only when a request line comes in pieces (see on_data).
+        self.buffer: LineBuffer | None = None
         self.answered = False
         self._stream: Iterator[bytes] | None = None
 
@@ -292,9 +293,21 @@ class GopherProtocol(StreamProtocol):
             return None  # a request per connection; the rest is ignored
         if b"\x00" in data:
             return self._refuse("NUL in request")
-        self.buffer.feed(data)
+        buffer = self.buffer
+        if buffer is None:
+            # The usual case, the whole line in the first chunk, without a
+            # buffer: the same line and limit as LineBuffer's (the rest of
+            # the chunk is ignored, as after any request).
+            nl = data.find(b"\n")
+            if nl >= 0:
+                end = nl - 1 if nl and data[nl - 1] == 0x0D else nl
+                if end > self.site.max_request:
+                    return self._refuse("request too long")
+                return self.answer(data[:end])
+            buffer = self.buffer = LineBuffer(self.site.max_request)
+        buffer.feed(data)
         try:
-            line = self.buffer.next_line()
+            line = buffer.next_line()
         except LineTooLong:
             return self._refuse("request too long")
         if line is None:
@@ -304,7 +317,7 @@ class GopherProtocol(StreamProtocol):
     def on_eof(self) -> Output:
         if self.answered:
             return None if self._stream is not None else Reply(close=True)
-        rest = self.buffer.take_rest()
+        rest = self.buffer.take_rest() if self.buffer is not None else b""
         if rest:  # a request without CRLF, then a half-close: answer it
             return self.answer(rest.rstrip(b"\r"))
         return Reply(close=True, reason="no request")
