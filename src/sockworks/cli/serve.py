@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from .._endpoint import parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, UsageError
 from .._run import run_services
 from .._server import Server, ServiceConfig
+from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
 from ..services import SERVICES, ServiceSpec, get_service
 from ._common import EXIT_OK, add_logging_options, positive_int, seconds, setup_logging
@@ -50,8 +52,12 @@ def register(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", help="run every built-in service on its default ports",
         description="Run every built-in service on its default ports, "
-        "and say how to talk to each.",
+        "and say how to talk to each. A service whose port is taken is skipped "
+        "with a warning; --port-offset moves every port.",
     )
+    demo.add_argument("--port-offset", type=int, default=0, metavar="N",
+                      help="add N to every port, for when the default ones are taken "
+                      "(e.g. 10000: echo on 17007, gopher on 17070)")
     add_server_options(demo)
     demo.set_defaults(func=run_demo)
 
@@ -277,18 +283,90 @@ def run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The demo runs on fixed ports: how a person moves them when some are taken.
+PORT_OFFSET_HINT = "sockworks demo --port-offset N moves every demo port by N"
+
+
+def demo_listen(spec: ServiceSpec, offset: int) -> list[str]:
+    """``spec``'s default listeners with every port moved by ``offset``."""
+    out = []
+    for text in spec.default_listen:
+        endpoint = parse_endpoint(text)
+        if endpoint.is_inet:
+            port = endpoint.port + offset
+            if not 0 < port < 65536:
+                raise UsageError(
+                    f"--port-offset {offset} would move {spec.name} from port "
+                    f"{endpoint.port} to {port}, outside 1-65535"
+                )
+            endpoint = endpoint.with_port(port)
+        out.append(str(endpoint))
+    return out
+
+
+def demo_try_it(spec: ServiceSpec, offset: int) -> str:
+    """``spec.try_it`` with its port numbers moved by ``offset``."""
+    ports = {parse_endpoint(e).port for e in spec.default_listen}
+
+    def move(match: re.Match[str]) -> str:
+        number = int(match.group())
+        return str(number + offset) if number in ports else match.group()
+
+    return re.sub(r"\b\d+\b", move, spec.try_it) if offset else spec.try_it
+
+
+def unavailable(config: ServiceConfig) -> BindError | None:
+    """Why ``config`` cannot bind all its (TCP/UDP) listeners now, or None.
+    Each is bound and closed again; the server binds for real right after
+    (SO_REUSEADDR, so the closed probes do not stand in its way)."""
+    for endpoint in config.listen:
+        if not endpoint.is_inet:
+            continue  # the demo has none; a Unix path would be left behind
+        try:
+            bind_socket(endpoint, config.options).sock.close()
+        except BindError as exc:
+            return exc
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    configs = [service_config(spec, args, ()) for spec in SERVICES.values()]
+    offset: int = args.port_offset
+    specs = {spec.name: spec for spec in SERVICES.values()}
+    configs = [service_config(spec, args, demo_listen(spec, offset)) for spec in specs.values()]
+    skipped: list[str] = []
 
     def ready(server: Server) -> None:
         announce(server)
-        print("\nsockworks demo: every built-in service is up. Talk to them:")
-        for spec in SERVICES.values():
-            print(f"  {spec.name:<10} {spec.try_it:<36} # {spec.summary}")
+        up = "every built-in service is up" if not skipped else (
+            f"{len(configs) - len(skipped)} of {len(configs)} services are up "
+            f"({', '.join(skipped)} skipped, see above)"
+        )
+        print(f"\nsockworks demo: {up}. Talk to them:")
+        for name in dict.fromkeys(name for name, _ in server.endpoints):
+            spec = specs[name]
+            print(f"  {spec.name:<10} {demo_try_it(spec, offset):<36} # {spec.summary}")
         print("\nCtrl-C stops everything.", flush=True)
 
-    start(configs, args, args.grace, ready)
-    return EXIT_OK
+    # One busy port skips its service, not the whole demo. A port taken
+    # between the check and the bind fails the bind: check again, and give
+    # up only when nothing new is taken (then the error is something else).
+    while True:
+        newly = [(c.name, why) for c in configs
+                 if c.name not in skipped and (why := unavailable(c)) is not None]
+        for name, why in newly:
+            skipped.append(name)
+            sys.stderr.write(f"sockworks: warning: {name} skipped: {why} ({PORT_OFFSET_HINT})\n")
+        sys.stderr.flush()
+        running = [c for c in configs if c.name not in skipped]
+        if not running:
+            raise BindError(f"no demo service could bind its ports; {PORT_OFFSET_HINT}")
+        try:
+            start(running, args, args.grace, ready)
+        except BindError:
+            if all(unavailable(c) is None for c in running):
+                raise
+            continue
+        return EXIT_OK
 
 
 def run_list(args: argparse.Namespace) -> int:
