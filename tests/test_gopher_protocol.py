@@ -293,6 +293,21 @@ def test_refusals_are_type_3(data: bytes, reason: str) -> None:
     assert out.startswith(b"3") and out.endswith(b".\r\n") and t.closed and t.reason == reason
 
 
+@pytest.mark.parametrize("size", [8191, 8192, 8193])
+@pytest.mark.parametrize("end", [b"\r\n", b"\n"])
+def test_line_limit_the_same_whole_or_in_pieces(size: int, end: bytes) -> None:
+    # A line that comes whole is found without the LineBuffer: same limit.
+    request = b"/" + b"x" * (size - 1) + end + b"ignored"
+    whole = ask(request)
+    assert whole.startswith(b"3Request too long" if size > 8192 else b"3Not found")
+    for cut in (1, size // 2, size, size + 1):
+        t = make_tester()
+        out = t.feed(request[:cut])
+        if not t.closed:  # a line known to be too long is refused at once
+            out += t.feed(request[cut:])
+        assert out == whole
+
+
 def test_timeout_before_the_request_is_refused() -> None:
     t = make_tester()
     t.feed(b"/abo")
