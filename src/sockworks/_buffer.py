@@ -97,3 +97,17 @@ class LineBuffer:
             raise LineTooLong(self.max_line)
         line = self.take(nl + 1 - start)
         return line
+
+    def take_line(self, max_bytes: int = -1) -> bytes | None:
+        """The next line with its LF, or its first ``max_bytes`` bytes when
+        it is longer (``max_bytes`` >= 0): a file's ``readline(size)``, with
+        no line limit. ``None`` when neither is buffered yet."""
+        buf, start = self._buf, self._start
+        nl = buf.find(b"\n", start + self._scanned)
+        if nl >= 0 and (max_bytes < 0 or nl - start < max_bytes):
+            return self.take(nl + 1 - start)
+        pending = len(buf) - start
+        if 0 <= max_bytes <= pending:
+            return self.take(max_bytes)
+        self._scanned = pending
+        return None
