@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .._buffer import LineBuffer
 from .._config import Limits
 from .._core import PEER_GONE, ConnectionStats, Driver, check_output_type, describe
 from .._endpoint import Endpoint
@@ -93,31 +94,27 @@ class _ThreadPool:
 
 
 class _SocketIO(io.RawIOBase):
-    """Raw I/O over a :class:`BlockingConnection`, so buffered readers and
-    writers are counted and watched like recv and sendall."""
+    """Raw writes over a :class:`BlockingConnection` (``makefile("w…")``),
+    so buffered writers are counted and watched like ``sendall``."""
 
     def __init__(self, conn: BlockingConnection) -> None:
         super().__init__()
         self._conn = conn
 
-    def readable(self) -> bool:
-        return True
-
     def writable(self) -> bool:
         return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self._conn._recv_into(buffer)
 
     def write(self, data: Any) -> int:
         self._conn.sendall(bytes(data))
         return len(data)
 
 
-class _DuplexFile(io.BufferedIOBase):
-    """``makefile("rw")``: reads from the connection's one buffered reader
-    (io.BufferedRWPair would stack a second buffer that blocks until full),
-    writes go straight to ``sendall``."""
+class _Reader(io.BufferedIOBase):
+    """A binary file reading from the connection's one receive buffer (its
+    :class:`LineBuffer`), then the socket: what ``makefile("rb")`` and
+    :attr:`BlockingConnection.reader` return. It keeps no buffer of its own,
+    so bytes one reader leaves are the next ``recv``'s, ``read_line``'s or
+    reader's, in order."""
 
     def __init__(self, conn: BlockingConnection) -> None:
         super().__init__()
@@ -126,20 +123,83 @@ class _DuplexFile(io.BufferedIOBase):
     def readable(self) -> bool:
         return True
 
-    def writable(self) -> bool:
-        return True
+    def read1(self, size: int | None = -1) -> bytes:
+        self._checkClosed()
+        conn = self._conn
+        if size is None or size < 0:
+            size = 65536
+        if conn._buffered is not None:
+            return conn._take(size)
+        return conn._fill(size) if size else b""
 
     def read(self, size: int | None = -1) -> bytes:
-        return self._conn.reader.read(size)
-
-    def read1(self, size: int = -1) -> bytes:
-        return self._conn.reader.read1(size)
+        self._checkClosed()
+        conn = self._conn
+        chunks: list[bytes] = []
+        if size is None or size < 0:
+            if conn._buffered is not None:
+                chunks.append(conn._take(len(conn._buffered)))
+            while data := conn._fill(65536):
+                chunks.append(data)
+            return b"".join(chunks)
+        if conn._buffered is not None:
+            chunks.append(conn._take(size))
+        have = len(chunks[0]) if chunks else 0
+        # Straight from the socket into the result: nothing is left over.
+        while have < size and (data := conn._fill(size - have)):
+            chunks.append(data)
+            have += len(data)
+        return b"".join(chunks)
 
     def readinto(self, buffer: Any) -> int:
-        return self._conn.reader.readinto(buffer)
+        return self._into(buffer, self.read)
+
+    def readinto1(self, buffer: Any) -> int:
+        return self._into(buffer, self.read1)
+
+    @staticmethod
+    def _into(buffer: Any, read: Callable[[int], bytes]) -> int:
+        view = memoryview(buffer).cast("B")
+        data = read(len(view))
+        view[: len(data)] = data
+        return len(data)
 
     def readline(self, size: int | None = -1) -> bytes:
-        return self._conn.reader.readline(size)
+        """Like ``io.BufferedReader.readline``: up to and including the LF,
+        at most ``size`` bytes, the rest at EOF; no line limit (that is
+        :meth:`BlockingConnection.read_line`'s)."""
+        self._checkClosed()
+        conn = self._conn
+        lines = conn._lines()
+        limit = -1 if size is None else size
+        while (line := lines.take_line(limit)) is None:
+            data = conn._fill(65536)
+            if not data:
+                line = lines.take_rest()
+                break
+            lines.feed(data)
+            conn._buffered = lines
+        conn._buffered = lines if len(lines) else None
+        return line
+
+    def peek(self, size: int = 0) -> bytes:
+        """What is buffered, reading from the socket once if nothing is."""
+        self._checkClosed()
+        conn = self._conn
+        lines = conn._lines()
+        if not len(lines) and (data := conn._fill(65536)):
+            lines.feed(data)
+            conn._buffered = lines
+        return lines.peek()
+
+
+class _DuplexFile(_Reader):
+    """``makefile("rw")``: reads from the one receive buffer
+    (io.BufferedRWPair would stack a second buffer that blocks until full),
+    writes go straight to ``sendall``."""
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, data: Any) -> int:
         self._conn.sendall(bytes(data))
@@ -154,6 +214,10 @@ class BlockingConnection:
     ``peer`` and ``close``. ``recv`` returns ``b""`` at EOF, and also once
     the server starts shutting down. A peer silent for the idle timeout
     makes ``recv`` raise :class:`TimeoutError`.
+
+    ``recv``, ``read_line``, :attr:`reader` and every ``makefile()`` read
+    from one receive buffer, so bytes one of them buffered are the next
+    one's, in order.
     """
 
     def __init__(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
@@ -162,69 +226,92 @@ class BlockingConnection:
         self.limits = group.limits
         self.stats = ConnectionStats(peer)
         self._group = group
-        self._reader: io.BufferedReader | None = None
-        # Odd while a recv (``_reading``) or a send (``_writing``) is in
-        # progress: bumped before and after each call, two counters so that
-        # a reader thread and a writer thread never share one. Two integer
-        # increments cost less than reading the clock (this is the hot path);
-        # the idle sweep compares them, with the byte counts, between looks.
+        # The socket's own methods, bound once: recv and sendall are the hot
+        # path, and each attribute lookup there is a measurable share of it.
+        self._sock_recv = sock.recv
+        self._sock_sendall = sock.sendall
+        # The one receive buffer, made by the first read_line or reader; and
+        # the same object while it holds bytes, else None: recv's one check.
+        self._line_buffer: LineBuffer | None = None
+        self._buffered: LineBuffer | None = None
+        self._reader: _Reader | None = None
+        # 1 while a recv (``_reading``) or a send (``_writing``) waits on the
+        # peer, two flags so that a reader thread and a writer thread never
+        # share one; a call that ends having moved bytes changes the byte
+        # counts, and one that ends without (EOF, an error) bumps
+        # ``_quiet_ends``. So ``activity()`` changes whenever a wait begins
+        # or ends, with two stores per call and no clock read (this is the
+        # hot path).
         self._reading = 0
         self._writing = 0
+        self._quiet_ends = 0
         self.idle_seen: object = None
         self.idle_since = 0.0
         self.timed_out = False
         self._closed = False
-        self._write_shut = False  # shutdown_write() called
+        # Why sendall must refuse (close() or shutdown_write()), else None.
+        self._send_refused: str | None = None
 
     # -- socket-like API -------------------------------------------------------
 
     def recv(self, bufsize: int = 65536) -> bytes:
-        if self._reader is not None:
-            return self._reader.read1(bufsize)
-        self._reading += 1
+        if self._buffered is not None:
+            return self._take(bufsize)
+        self._reading = 1
         try:
-            data = self.sock.recv(bufsize)
+            data = self._sock_recv(bufsize)
         except OSError:
+            self._quiet_ends += 1
             if self.timed_out:
                 raise IdleTimeout("idle timeout") from None
             raise
         finally:
-            self._reading += 1
-        if not data and self.timed_out:
+            self._reading = 0
+        if data:
+            self.stats.bytes_in += len(data)
+            return data
+        self._quiet_ends += 1
+        if self.timed_out:
             raise IdleTimeout("idle timeout")
-        self.stats.bytes_in += len(data)
         return data
 
-    def _recv_into(self, buffer: Any) -> int:
-        self._reading += 1
+    def _fill(self, bufsize: int) -> bytes:
+        """One counted, watched read from the socket: ``recv`` without the
+        buffer check (recv keeps its own copy of this, one call fewer)."""
+        self._reading = 1
         try:
-            n = self.sock.recv_into(buffer)
+            data = self._sock_recv(bufsize)
         except OSError:
+            self._quiet_ends += 1
             if self.timed_out:
                 raise IdleTimeout("idle timeout") from None
             raise
         finally:
-            self._reading += 1
-        if not n and self.timed_out:
+            self._reading = 0
+        if data:
+            self.stats.bytes_in += len(data)
+            return data
+        self._quiet_ends += 1
+        if self.timed_out:
             raise IdleTimeout("idle timeout")
-        self.stats.bytes_in += n
-        return n
+        return data
 
     def sendall(self, data: bytes) -> None:
-        if self._closed:
-            raise LocalProtocolError("sendall after close()")
-        if self._write_shut:
-            raise LocalProtocolError("sendall after shutdown_write()")
-        check_output_type(data, "BlockingConnection.sendall")
-        self._writing += 1
+        if self._send_refused is not None:
+            raise LocalProtocolError(self._send_refused)
+        if type(data) is not bytes:
+            check_output_type(data, "BlockingConnection.sendall")
+        self._writing = 1
         try:
-            self.sock.sendall(data)
+            self._sock_sendall(data)
         except OSError:
+            self._quiet_ends += 1
             if self.timed_out:
                 raise IdleTimeout("idle timeout") from None
             raise
         finally:
-            self._writing += 1
+            self._writing = 0
+        # An empty sendall moves nothing and never waits: not activity.
         self.stats.bytes_out += len(data)
 
     def send(self, data: bytes) -> int:
@@ -234,29 +321,56 @@ class BlockingConnection:
     write = sendall
 
     def read_line(self, *, keep_end: bool = False) -> bytes:
-        """One line, at most ``Limits.max_line`` bytes (else :class:`LineTooLong`);
-        ``b""`` at EOF."""
-        limit = self.limits.max_line
-        line = self.reader.readline(limit + 2)
-        if line and not line.endswith(b"\n") and len(line) > limit:
+        """One line (LF or CRLF ended), without its end unless ``keep_end``;
+        at most ``Limits.max_line`` bytes, else :class:`LineTooLong`, raised
+        before more than one read past the limit is buffered. ``b""`` at
+        EOF, or the unterminated rest of the data."""
+        lines = self._lines()
+        while True:
+            line = lines.next_line_with_end() if keep_end else lines.next_line()
+            if line is not None:
+                self._buffered = lines if len(lines) else None
+                return line
+            data = self._fill(65536)
+            if not data:
+                break
+            lines.feed(data)
+            # Set before the next look, which may raise LineTooLong: what is
+            # buffered stays first in line for any later read.
+            self._buffered = lines
+        self._buffered = None
+        rest = lines.take_rest()
+        limit = lines.max_line
+        if len(rest) > limit:
             raise LineTooLong(limit)
-        if not keep_end:
-            line = line.rstrip(b"\n")
-            if line.endswith(b"\r"):
-                line = line[:-1]
-        if len(line) > limit + (2 if keep_end else 0):
-            raise LineTooLong(limit)
-        return line
+        if not keep_end and rest.endswith(b"\r"):
+            rest = rest[:-1]
+        return rest
+
+    def _lines(self) -> LineBuffer:
+        lines = self._line_buffer
+        if lines is None:
+            lines = self._line_buffer = LineBuffer(self.limits.max_line)
+        return lines
+
+    def _take(self, size: int) -> bytes:
+        """Up to ``size`` buffered bytes (there are some)."""
+        lines = self._lines()
+        data = lines.take(size)
+        if not len(lines):
+            self._buffered = None
+        return data
 
     @property
-    def reader(self) -> io.BufferedReader:
-        """A buffered binary reader (readline, read…); ``recv`` shares its buffer."""
+    def reader(self) -> io.BufferedIOBase:
+        """A binary reader (readline, read, read1, peek…) over the one
+        receive buffer that ``recv`` and ``read_line`` share."""
         if self._reader is None:
-            self._reader = io.BufferedReader(_SocketIO(self), 65536)
+            self._reader = _Reader(self)
         return self._reader
 
     def makefile(self, mode: str = "r", buffering: int | None = None, **text: Any) -> Any:
-        """Like ``socket.makefile``; reads share :attr:`reader`'s buffer."""
+        """Like ``socket.makefile``; reads share the one receive buffer."""
         binary = "b" in mode
         if "w" in mode and "r" not in mode:
             raw_w: Any = _SocketIO(self)
@@ -265,7 +379,10 @@ class BlockingConnection:
             writer = io.BufferedWriter(raw_w) if buffering != 0 else raw_w
             return writer if binary else io.TextIOWrapper(writer, write_through=True, **text)
         if "r" in mode and "w" not in mode:
-            return self.reader if binary else io.TextIOWrapper(self.reader, **text)
+            # A reader of its own (closing it leaves the others), over the
+            # same buffer. Text mode decodes ahead, as socket.makefile does.
+            reader = _Reader(self)
+            return reader if binary else io.TextIOWrapper(reader, **text)
         duplex = _DuplexFile(self)
         if binary:
             return duplex
@@ -273,7 +390,8 @@ class BlockingConnection:
 
     def shutdown_write(self) -> None:
         """Half-close: the peer sees EOF."""
-        self._write_shut = True
+        if self._send_refused is None:
+            self._send_refused = "sendall after shutdown_write()"
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -282,6 +400,7 @@ class BlockingConnection:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._send_refused = "sendall after close()"
             self.sock.close()
 
     # -- the core's Connection interface (called on the loop thread) ----------
@@ -303,10 +422,10 @@ class BlockingConnection:
 
     def activity(self) -> object:
         reading, writing = self._reading, self._writing
-        if not (reading & 1 or writing & 1):
+        if not (reading or writing):
             return None  # not waiting on the peer: busy, or between calls
         stats = self.stats
-        return (reading, writing, stats.bytes_in, stats.bytes_out)
+        return (reading, writing, self._quiet_ends, stats.bytes_in, stats.bytes_out)
 
     def idle_expired(self) -> None:
         if self.timed_out:
