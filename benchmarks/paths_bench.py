@@ -296,10 +296,14 @@ def _echo_peer(name: str) -> Peer:
 ECHO = tuple(_echo_peer(n) for n in (
     "sockworks-protocol", "uvloop-protocol", "sockworks-blocking", "socketserver"))
 IDLE = (
-    Peer("sockworks-echo-idle", "sockworks serve echo -q (sans-I/O), --max-conns raised",
+    # Thousands of connections from four addresses: the connection limit is
+    # raised and the per-source limit (64 by default) turned off.
+    Peer("sockworks-echo-idle",
+         "sockworks serve echo -q (sans-I/O), --max-conns raised, --per-source 0",
          lambda ctx, port: [sys.executable, "-m", "sockworks", "serve", "echo", "-q",
                             "-l", f"tcp:{HOST}:0",
-                            "--max-conns", str(ctx.args.idle_conns + 64)],
+                            "--max-conns", str(ctx.args.idle_conns + 64),
+                            "--per-source", "0"],
          missing=_modules("sockworks", "uvloop")),
     Peer("uvloop-echo-idle", "raw uvloop asyncio.Protocol echo",
          _script("asyncio_echo.py", "uvloop-protocol"), missing=_modules("uvloop")),
