@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# DEMO_ARGS="--port-offset 10000" moves every port when the defaults are taken.
 demo: $(STAMP)
-	$(BIN)/sockworks demo
+	$(BIN)/sockworks demo $(DEMO_ARGS)
 
 test: lint typecheck unit
 

@@ -8,12 +8,11 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from conftest import CLIProcess, connect, recv_all, run_cli
 
 from sockworks import Endpoint, parse_endpoint
 from sockworks.cli.serve import demo_listen, demo_try_it
 from sockworks.services import SERVICES
-
-from conftest import CLIProcess, connect, recv_all, run_cli
 
 # The service whose port the test takes: TCP only, so one socket blocks it.
 VICTIM = "thanks"
