@@ -9,6 +9,7 @@ import re
 import socket
 import time
 
+import pytest
 from test_access_loopback import client, served
 
 REFUSALS = 1000
@@ -59,3 +60,26 @@ def test_a_thousand_refusals_cost_a_few_log_lines(cli) -> None:  # type: ignore[
     assert latency < 1.0, latency  # generous: the machine is shared
     assert "Traceback" not in server.log
     assert server.stop() == 0
+
+
+def test_refusals_held_back_are_summed_up_when_the_service_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood that ends with the server: the summary is written at stop,
+    not lost with the pending timer."""
+    import asyncio
+
+    from sockworks._core import ConnectionGroup, Driver
+    from sockworks._protocol import Peer
+
+    async def main() -> None:
+        group = ConnectionGroup("flood", Driver(), asyncio.get_running_loop())
+        for port in range(100):
+            group.refused(Peer("127.0.0.2", 40000 + port), "denied by 127.0.0.2/32")
+        group.stop()
+
+    with caplog.at_level("INFO", logger="sockworks.flood"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "sockworks.flood"]
+    assert len(lines) == 2, lines
+    assert "and 99 more like it" in lines[-1]

@@ -387,10 +387,11 @@ class LogThrottle:
             self._lost += count
             self._lost_keys += 1
 
-    def flush(self) -> None:
+    def flush(self, *, everything: bool = False) -> None:
         """Sum up what was held back for every key whose interval is over
         (one line each, within the global budget; the rest in one line), and
-        come back later for the others."""
+        come back later for the others. ``everything``: every key now (the
+        server is stopping: nothing held back goes unsaid)."""
         self._flush_due = False
         emit = self._emit
         if emit is None:
@@ -403,7 +404,7 @@ class LogThrottle:
         for key, (last, count) in list(seen.items()):
             if not count:
                 continue
-            if now - last < self.interval:
+            if now - last < self.interval and not everything:
                 waiting = True
                 continue
             seen[key] = (now, 0)

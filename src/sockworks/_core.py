@@ -466,6 +466,7 @@ class ConnectionGroup:
 
     def stop(self) -> None:
         """The server is done with this group."""
+        self._refusals.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
