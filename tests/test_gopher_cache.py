@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sockworks import FileSpan
-from sockworks.gopher.fsroot import SETTLE_NS, FileSystemRoot
+from sockworks.gopher.fsroot import COARSE_SETTLE_NS, SETTLE_NS, FileSystemRoot
 from sockworks.gopher.items import stuff_text
 from sockworks.gopher.root import Node
 from sockworks.protocols.gopher import ANSWER_OVERHEAD, GopherProtocol, GopherSite
@@ -211,11 +212,30 @@ def test_a_freshly_written_file_is_not_cached_until_it_settles(tree: Path) -> No
     assert len(site._answers) == 1
 
 
+def test_times_in_whole_seconds_settle_longer(tree: Path) -> None:
+    now = 1_700_000_000 * 10**9
+    root = FileSystemRoot(str(tree), clock=lambda: now)
+
+    def settled(mtime: int, ctime: int) -> bool:
+        return root._settled(SimpleNamespace(st_mtime_ns=mtime, st_ctime_ns=ctime))  # type: ignore[arg-type]
+
+    fine = now - SETTLE_NS
+    assert settled(fine, fine)
+    assert not settled(fine + 1, fine) and not settled(fine, fine + 1)
+    whole = now - 10**9  # a second ago, on a file system that keeps seconds
+    assert not settled(whole, whole)
+    assert settled(now - COARSE_SETTLE_NS, now - COARSE_SETTLE_NS)
+    assert settled(whole, whole + 7)  # only the mtime was set (tar, cp -p)
+
+
 def test_bounded_in_bytes_least_recently_used_first_out(tree: Path) -> None:
     names = [f"f{i:02}.txt" for i in range(20)]
     for name in names:
         (tree / name).write_bytes(b"x" * 1000 + b"\n")
-    entry = len(b"/f00.txt") + len(b"x" * 1000 + b"\r\n.\r\n") + ANSWER_OVERHEAD
+    probe = GopherSite(CountingRoot(str(tree)))
+    text(probe, b"/f00.txt")
+    entry = probe._answered  # every name is as long: every entry as big
+    assert entry > len(b"/f00.txt") + len(b"x" * 1000 + b"\r\n.\r\n") + ANSWER_OVERHEAD
     site = GopherSite(CountingRoot(str(tree)), answer_cache_bytes=5 * entry)
     for name in names:
         text(site, b"/" + name.encode())
