@@ -16,13 +16,14 @@ for why that is as strict as the full resolve).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
 from collections.abc import Callable, Iterator
 from typing import Literal, cast
 
-from .root import Forbidden, Node, NotFound, Stamp
+from .root import Forbidden, Node, NotFound, RootError, Stamp, Unreadable
 
 # A file changed this recently may change again without its mtime or
 # ctime moving: the kernel stamps files from a coarse clock (a tick of 1 to
@@ -53,6 +54,10 @@ class FileSystemRoot:
         real = os.path.realpath(directory)
         if not os.path.isdir(real):
             raise NotADirectoryError(f"{directory}: not a directory")
+        # A root the server cannot list is an error at start, not a hole
+        # that answers every request with a type-3 error.
+        if not os.access(real, os.R_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
         self.directory = real
         self._prefix = real.rstrip(os.sep) + os.sep
         st = os.stat(real)
@@ -77,7 +82,7 @@ class FileSystemRoot:
         # Refused here, as a type-3 error, rather than served as an empty
         # text or failing later while the reply is sent.
         if not os.access(real, need):
-            raise Forbidden("not readable")
+            raise Unreadable(real, "permission denied")
         return Node(parts, kind, real, st.st_size if kind == "file" else 0, st.st_mtime)
 
     def resolve(self, parts: tuple[str, ...]) -> Node:
@@ -134,17 +139,22 @@ class FileSystemRoot:
         return out
 
     def head(self, node: Node, size: int) -> bytes:
-        return self.read(node, size)
+        try:
+            return self.read(node, size)
+        except RootError:  # only a type guess: an unreadable file is refused when asked for
+            return b""
 
     def read(self, node: Node, limit: int) -> bytes:
         if node.kind != "file":
             return b""
         # O_NONBLOCK: should the file have been swapped for a FIFO since it
         # was resolved, the open does not hang the server.
+        # An OS error is Unreadable (a type-3 error and a warning), never
+        # empty data served as if it were the file.
         try:
             fd = os.open(node.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return b""
+        except OSError as exc:
+            raise Unreadable(node.path, exc.strerror or str(exc)) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return b""
@@ -157,8 +167,8 @@ class FileSystemRoot:
                 chunks.append(chunk)
                 left -= len(chunk)
             return b"".join(chunks)
-        except OSError:
-            return b""
+        except OSError as exc:
+            raise Unreadable(node.path, exc.strerror or str(exc)) from None
         finally:
             os.close(fd)
 

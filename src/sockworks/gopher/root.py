@@ -25,6 +25,17 @@ class Forbidden(RootError):
     pass
 
 
+class Unreadable(Forbidden):
+    """A file the server may serve but cannot read (permissions, an I/O
+    error): the client gets a type-3 error, never an empty item, and the
+    operator a warning. ``path`` and ``reason`` are for the log only."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__("not readable")
+        self.path = path
+        self.reason = reason
+
+
 @dataclass(slots=True)
 class Node:
     """A servable thing under the root: a directory or a regular file.

@@ -31,6 +31,7 @@ their menus through a thread-safe queue (see :class:`GopherSite`).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,10 +53,15 @@ from ..gopher.items import (
     stuff_text,
 )
 from ..gopher.requests import BadRequest, join_selector, parse_request, selector_parts, split_query
-from ..gopher.root import Node, Root, RootError, Stamp, StampedRoot
+from ..gopher.root import Node, Root, RootError, Stamp, StampedRoot, Unreadable
+
+# Files the server cannot read are the operator's to fix: a warning each.
+log = logging.getLogger("sockworks.gopher")
 
 SEARCH = "/.search"
 CAPS = ("caps.txt", "/caps.txt")
+# At most this many bytes of a request line go into the closing log line.
+SUMMARY_BYTES = 120
 GOPHERMAP = "gophermap"
 
 # Text files up to this size are stuffed in one piece; larger ones are
@@ -291,6 +297,7 @@ class GopherProtocol(StreamProtocol):
         self.buffer: LineBuffer | None = None
         self.answered = False
         self._stream: Iterator[bytes] | None = None
+        self._asked: bytes | None = None  # the request line, for the log
 
     # -- the connection ------------------------------------------------------
 
@@ -344,6 +351,9 @@ class GopherProtocol(StreamProtocol):
     def on_request_timeout(self) -> Output:
         return self._refuse("request timed out")
 
+    def request_summary(self) -> str | None:
+        return None if self._asked is None else loggable(self._asked)
+
     def on_writable(self) -> Output:
         if self._stream is None:
             return None
@@ -362,6 +372,7 @@ class GopherProtocol(StreamProtocol):
     def answer(self, line: bytes) -> Reply:
         """The reply to one request line (without CRLF)."""
         self.answered = True
+        self._asked = line
         if self.site._answers:
             cached = self.site.cached_answer(line)
             if cached is not None:
@@ -372,6 +383,8 @@ class GopherProtocol(StreamProtocol):
             return Reply(data=error_menu(f"Bad selector: {exc.reason}"), close=True,
                          reason=exc.reason)
         except RootError as exc:
+            if isinstance(exc, Unreadable):
+                log.warning("cannot read %s: %s (answered with an error)", exc.path, exc.reason)
             return Reply(data=error_menu(_sentence(str(exc))), close=True,
                          reason=str(exc))
 
@@ -601,7 +614,11 @@ class GopherProtocol(StreamProtocol):
                     truncated = True
                     break
                 files += 1
-                data = self.root.read(child, min(limits.max_file_bytes, limits.max_bytes - read))
+                try:
+                    data = self.root.read(child, min(limits.max_file_bytes,
+                                                     limits.max_bytes - read))
+                except RootError:  # one unreadable file does not end the search
+                    continue
                 read += len(data)
                 hit, cost = _match(child.name, data, words, limits.max_work - work)
                 work += cost
@@ -628,6 +645,14 @@ _NO_WORDS = format_menu([info("Type one or more words to search for.")])
 
 def _search_header(query: str) -> bytes:
     return info(f"Searching the text files for {_shown(query)!r}").to_bytes()
+
+
+def loggable(line: bytes, limit: int = SUMMARY_BYTES) -> str:
+    """A request line as the log shows it: quoted like repr(), every
+    control or invisible character escaped (a selector cannot forge log
+    lines or colour a terminal), at most ``limit`` bytes of it."""
+    text = line[:limit].decode("utf-8", "backslashreplace")
+    return repr(text) + ("..." if len(line) > limit else "")
 
 
 def _sentence(text: str) -> str:
