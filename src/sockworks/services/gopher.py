@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
+from .._config import Limits
+from .._core import Driver
 from .._drivers import ProtocolDriver
-from .._endpoint import split_host_port
+from .._endpoint import Endpoint, split_host_port
 from .._errors import ConfigError, EndpointError
 from ..gopher.fsroot import FileSystemRoot
 from ..protocols.gopher import GopherProtocol, GopherSite
 from ._spec import ServiceOptions, ServiceSpec
 
+if TYPE_CHECKING:
+    import asyncio
+
+    from .._core import ConnectionGroup
+
+
+# The documentation hole shipped inside the package: sockworks/hole is a
+# symlink to the project's docs/ in git, and real files in a wheel (see
+# pyproject.toml), so it is there however sockworks was installed.
+HOLE = Path(__file__).resolve().parent.parent / "hole"
+
 
 def default_root() -> str:
-    """The ``docs/`` directory of the source tree sockworks runs from, when
-    there is one (a checkout or editable install: ``make demo`` serves the
-    project's documentation), else the current directory."""
-    docs = Path(__file__).resolve().parents[3] / "docs"
-    if docs.is_dir() and (docs / "gophermap").is_file():
-        return str(docs)
-    return os.getcwd()
+    """The directory served without ``--root``: the documentation hole
+    shipped with sockworks (this project's docs/ and its gophermap). Never
+    the current directory: a server started in /tmp or $HOME must not
+    publish it by accident."""
+    if not (HOLE / "gophermap").is_file():
+        raise ConfigError(
+            f"this installation has no documentation hole ({HOLE}): give --root DIR"
+        )
+    return str(HOLE.resolve())
 
 
 def parse_advertise(text: str) -> tuple[str, int]:
@@ -35,7 +51,34 @@ def parse_advertise(text: str) -> tuple[str, int]:
     return host, port
 
 
-def build(options: ServiceOptions) -> ProtocolDriver:
+class GopherDriver(Driver):
+    """The protocol driver, saying at start which directory is served (on
+    the service's logger, beside its ``listening on`` lines): with the root
+    chosen by default, a person must see what is published. It wraps a
+    ProtocolDriver rather than subclassing it: make_driver copies a
+    ProtocolDriver into a plain one, and the line would be lost."""
+
+    name = "protocol"
+
+    def __init__(self, stream: Callable[[], GopherProtocol], served: str) -> None:
+        self.inner = ProtocolDriver(stream=stream)
+        self.served = served
+
+    def supports(self, endpoint: Endpoint) -> bool:
+        return self.inner.supports(endpoint)
+
+    def max_connections(self, limits: Limits) -> int:
+        return self.inner.max_connections(limits)
+
+    def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
+        group.log.info("serving %s", self.served)
+        return self.inner.connection_factory(group)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def build(options: ServiceOptions) -> Driver:
     root_dir = options.root or default_root()
     try:
         root = FileSystemRoot(root_dir)
@@ -48,13 +91,17 @@ def build(options: ServiceOptions) -> ProtocolDriver:
         max_request=options.limits.max_line,
         version=__version__,
     )
-    return ProtocolDriver(stream=lambda: GopherProtocol(site))
+    served = f"{root.directory} (" + (
+        "--root)" if options.root else "the documentation shipped with sockworks; "
+        "--root DIR serves another)"
+    )
+    return GopherDriver(lambda: GopherProtocol(site), served)
 
 
 GOPHER_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         "gopher",
-        "RFC 1436 Gopher: serves --root DIR (default: the project's docs/, else .)",
+        "RFC 1436 Gopher: serves --root DIR (default: the sockworks documentation)",
         ("tcp:127.0.0.1:7070",),
         build,
         try_it="sockworks gopher 127.0.0.1:7070",
