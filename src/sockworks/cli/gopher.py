@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import posixpath
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TextIO
 
-from .._files import write_atomic
-from ..gopher.client import GopherError, ServerError, download, error_message, fetch
+from .._files import atomic_writer, write_atomic
+from ..gopher.client import (
+    GopherError,
+    MenuReader,
+    ServerError,
+    TextDecoder,
+    TooLarge,
+    download,
+    error_message,
+    fetch,
+    stream,
+)
 from ..gopher.items import (
     Item,
     guess_type,
@@ -25,9 +38,27 @@ from ._common import EXIT_ERROR, EXIT_OK, fail, seconds
 
 # Item types shown on the terminal; everything else is saved to a file.
 SHOWN = frozenset("017h")
-# Responses of unknown type (the seed's HOST SELECTOR form, no known
-# extension) are read into memory up to this size to decide what they are.
-SNIFF_LIMIT = 64 << 20
+# Bytes looked at to tell what an answer of unknown type is (the seed's
+# HOST SELECTOR form, no known extension), and to find a type-3 error.
+SNIFF = 4096
+# The default --max-size for what is shown (menus, text, answers of unknown
+# type): far beyond any real menu (10,000 entries are ~0.5 MiB) or text,
+# and a stop for a server that never ends (chargen). Downloads of binaries
+# have no default limit: a disk image may be gigabytes.
+SHOWN_LIMIT = 64 << 20
+# Ctrl-C: the shell's status for a process ended by SIGINT.
+EXIT_INTERRUPTED = 130
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b?)", re.IGNORECASE)
+
+
+def size(text: str) -> int:
+    """``--max-size``: bytes, or with K, M, G (KiB, MiB, GiB); 0 is no limit."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (bytes, or a number with K, M or G)")
+    unit = {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2).lower()]
+    return int(match.group(1)) << unit
 
 
 def register(sub: Any) -> None:
@@ -51,6 +82,9 @@ def register(sub: Any) -> None:
                    "s save, h history, q quit")
     p.add_argument("--timeout", type=seconds, default=30.0, metavar="SECONDS",
                    help="longest wait for the server at any point (default 30)")
+    p.add_argument("--max-size", type=size, metavar="BYTES",
+                   help="stop (status 1) when an answer is larger: bytes, or with K, M, G; "
+                   "0 for no limit (default: 64M for menus and text, none for downloads)")
     p.set_defaults(func=run)
 
 
@@ -61,12 +95,34 @@ def run(args: argparse.Namespace) -> int:
     if args.search is not None:
         loc = replace(loc, query=args.search, type=loc.type or "7")
     timeout = args.timeout or None
-    if args.browse:
-        return Browser(sys.stdin, sys.stdout, timeout or 30.0).run(loc)
     try:
+        if args.browse:
+            limit = SHOWN_LIMIT if args.max_size is None else args.max_size or None
+            return Browser(sys.stdin, sys.stdout, timeout or 30.0, limit).run(loc)
         return get(loc, args, timeout or 30.0)
+    except TooLarge as exc:
+        return fail(f"{exc} (--max-size {human(exc.limit)})", EXIT_ERROR)
     except GopherError as exc:
         return fail(str(exc), EXIT_ERROR)
+    except KeyboardInterrupt:
+        # A download's temporary file is gone already (atomic_writer).
+        return fail("interrupted; nothing was saved" if saving(loc, args) else "interrupted",
+                    EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (| head -1): not an error of ours. Output
+        # from here on goes nowhere, so the flush at exit does not complain.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def saving(loc: Location, args: argparse.Namespace) -> bool:
+    """Whether this command writes a file (what Ctrl-C leaves unsaved)."""
+    if args.output is not None:
+        return bool(args.output != "-")
+    kind = item_type(loc)
+    return kind is not None and kind not in SHOWN
 
 
 # -- one item -----------------------------------------------------------------
@@ -94,46 +150,131 @@ def write_out(data: bytes) -> None:
     sys.stdout.flush()
 
 
+def limit_for(args: argparse.Namespace, kind: str | None) -> int | None:
+    """The size limit: --max-size (0: none), else SHOWN_LIMIT for what is
+    shown (menus, text, unknown) and none for downloads."""
+    if args.max_size is not None:
+        return int(args.max_size) or None
+    return SHOWN_LIMIT if kind is None or kind in SHOWN else None
+
+
 def get(loc: Location, args: argparse.Namespace, timeout: float) -> int:
     kind = item_type(loc)
+    limit = limit_for(args, kind)
     if args.raw and args.output is None:
-        write_out(fetch(loc, timeout=timeout))
+        stream(loc, write_out, timeout=timeout, limit=limit)
         return EXIT_OK
     if kind is not None and kind not in SHOWN:
-        return save(loc, args.output or default_name(loc), timeout)
+        return save(loc, args.output or default_name(loc), timeout, limit)
     if args.output not in (None, "-") and kind not in ("0", "1", "7", None):
-        return save(loc, args.output, timeout)
-    data = fetch(loc, timeout=timeout, limit=SNIFF_LIMIT if kind is None else None)
-    message = error_message(data)
-    if message is not None:
-        raise ServerError(f"server error: {message}")
-    if kind is None:
-        if looks_like_menu(data):
-            kind = "1"
-        elif looks_like_text(data[:4096]):
-            kind = "0"
+        return save(loc, args.output, timeout, limit)
+    with contextlib.ExitStack() as files:
+        if args.output not in (None, "-"):
+            out: Callable[[bytes], object] = files.enter_context(atomic_writer(args.output)).write
+            binary = None
         else:
-            kind = "9"
-    if kind in ("1", "7"):
-        text = render_menu(parse_menu(data)) if not args.raw else ""
-        body = data if args.raw else text.encode()
-    elif kind == "0":
-        body = unstuff_text(data)
-    else:
-        body = data
-    if args.output not in (None, "-"):
-        write_atomic(args.output, body)
-        return EXIT_OK
-    if kind not in SHOWN and args.output is None and sys.stdout.isatty():
-        return save_bytes(data, default_name(loc))
-    write_out(body)
+            out = write_out
+            # A binary (found by sniffing) is not sent to a terminal: it
+            # goes to a file named after the selector, as a download would.
+            binary = (lambda: files.enter_context(atomic_writer(default_name(loc))).write) \
+                if sys.stdout.isatty() else None
+        display = Display(kind, args.raw, out, binary)
+        stream(loc, display.feed, timeout=timeout, limit=limit)
+        display.finish()
+    if display.saved:
+        sys.stderr.write(f"sockworks: saved {display.total} bytes to {default_name(loc)}\n")
     return EXIT_OK
 
 
-def save_bytes(data: bytes, name: str) -> int:
-    write_atomic(name, data)
-    sys.stderr.write(f"sockworks: saved {len(data)} bytes to {name}\n")
-    return EXIT_OK
+class Display:
+    """An answer, fed in chunks as they arrive, written out as it is shown:
+    once the first line has shown it is not a type-3 error (and, type
+    unknown, SNIFF bytes what it is), menus are rendered and text unstuffed
+    line by line as they come. At most SNIFF bytes and a partial line are
+    held. ``feed`` returns True once a menu or text has ended (its ``.``
+    line), so the client stops reading."""
+
+    def __init__(self, kind: str | None, raw: bool, out: Callable[[bytes], object],
+                 binary: Callable[[], Callable[[bytes], object]] | None = None) -> None:
+        self.kind = kind
+        self.raw = raw
+        self.out = out
+        self.binary = binary
+        self.head = b""
+        self.started = False
+        self.menu: MenuReader | None = None
+        self.text: TextDecoder | None = None
+        self.numbered = 0
+        self.total = 0
+        self.saved = False  # a sniffed binary went to a file
+
+    def _ready(self) -> bool:
+        head = self.head
+        if len(head) >= SNIFF:
+            return True
+        if self.kind is None or not head:
+            return False
+        return head[:1] != b"3" or b"\n" in head
+
+    def _start(self) -> None:
+        self.started = True
+        head, self.head = self.head, b""
+        message = error_message(head)
+        if message is not None:
+            raise ServerError(f"server error: {message}")
+        if self.kind is None:
+            if looks_like_menu(head):
+                self.kind = "1"
+            elif looks_like_text(head):
+                self.kind = "0"
+            else:
+                self.kind = "9"
+                if self.binary is not None:
+                    self.out = self.binary()
+                    self.saved = True
+        if not self.raw and self.kind in ("1", "7"):
+            self.menu = MenuReader()
+        elif not self.raw and self.kind == "0":
+            self.text = TextDecoder()
+        self.feed(head)
+
+    def feed(self, chunk: bytes) -> bool:
+        if not self.started:
+            self.head += chunk
+            if self._ready():
+                self._start()
+            return self.done
+        self.total += len(chunk)
+        if self.menu is not None:
+            self._show(self.menu.feed(chunk))
+        elif self.text is not None:
+            self.out(self.text.feed(chunk))
+        else:
+            self.out(chunk)
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        reader = self.menu or self.text
+        return reader is not None and reader.done
+
+    def finish(self) -> None:
+        if not self.started:
+            self._start()
+        if self.menu is not None:
+            self._show(self.menu.finish())
+        elif self.text is not None:
+            self.out(self.text.finish())
+
+    def _show(self, items: list[Item]) -> None:
+        if not items:
+            return
+        lines: list[str] = []
+        for item in items:
+            if linkable(item):
+                self.numbered += 1
+            lines.append(menu_line(item, self.numbered, STREAM_WIDTH))
+        self.out(("\n".join(lines) + "\n").encode())
 
 
 class Progress:
@@ -175,14 +316,16 @@ def human(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def save(loc: Location, name: str, timeout: float) -> int:
+def save(loc: Location, name: str, timeout: float, limit: int | None = None) -> int:
     if name == "-":
-        write_out(fetch(loc, timeout=timeout))
+        stream(loc, write_out, timeout=timeout, limit=limit)
         return EXIT_OK
     progress = Progress(sys.stderr, name) if sys.stderr.isatty() else None
-    total = download(loc, name, timeout=timeout, progress=progress)
-    if progress is not None:
-        progress.finish()
+    try:
+        total = download(loc, name, timeout=timeout, progress=progress, limit=limit)
+    finally:
+        if progress is not None:  # off the progress line, whatever happened
+            progress.finish()
     sys.stderr.write(f"sockworks: saved {total} bytes to {name}\n")
     return EXIT_OK
 
@@ -194,24 +337,34 @@ def linkable(item: Item) -> bool:
     return item.type not in ("i", "3") and bool(item.type.strip())
 
 
+# The number column of a menu shown as it arrives (its length unknown):
+# aligned up to 999 links.
+STREAM_WIDTH = 3
+
+
+def menu_line(item: Item, n: int, width: int) -> str:
+    """One menu line for people; ``n`` is the link's number (links only)."""
+    pad = " " * (width + 2)
+    if item.type == "i":
+        return f"{pad}{'':8} {item.display}".rstrip()
+    if item.type == "3":
+        return f"{pad}{'[error]':8} {item.display}"
+    where = ""
+    if item.type == "h" and item.selector.startswith("URL:"):
+        where = f"  <{item.selector[4:]}>"
+    label = f"[{item.kind}]"
+    return f"{n:>{width}}. {label:8} {item.display}{where}"
+
+
 def render_menu(items: list[Item]) -> str:
     """Numbered links with their kind; info lines as plain text."""
     lines: list[str] = []
     n = 0
     width = len(str(sum(1 for i in items if linkable(i)))) or 1
-    pad = " " * (width + 2)
     for item in items:
-        if item.type == "i":
-            lines.append(f"{pad}{'':8} {item.display}".rstrip())
-        elif item.type == "3":
-            lines.append(f"{pad}{'[error]':8} {item.display}")
-        else:
+        if linkable(item):
             n += 1
-            where = ""
-            if item.type == "h" and item.selector.startswith("URL:"):
-                where = f"  <{item.selector[4:]}>"
-            label = f"[{item.kind}]"
-            lines.append(f"{n:>{width}}. {label:8} {item.display}{where}")
+        lines.append(menu_line(item, n, width))
     return "\n".join(lines) + "\n"
 
 
@@ -232,10 +385,12 @@ HELP = """\
 class Browser:
     """An interactive loop over stdin/stdout; errors are shown, not fatal."""
 
-    def __init__(self, inp: TextIO, out: TextIO, timeout: float) -> None:
+    def __init__(self, inp: TextIO, out: TextIO, timeout: float,
+                 limit: int | None = SHOWN_LIMIT) -> None:
         self.inp = inp
         self.out = out
         self.timeout = timeout
+        self.limit = limit  # a page is held whole (to save it, to go back): bounded
         self.history: list[Location] = []
         self.items: list[Item] = []
         self.data = b""
@@ -338,7 +493,7 @@ class Browser:
         self.show(loc)
 
     def show(self, loc: Location) -> None:
-        data = fetch(loc, timeout=self.timeout)
+        data = fetch(loc, timeout=self.timeout, limit=self.limit)
         message = error_message(data)
         if message is not None:
             raise ServerError(f"server error: {message}")
@@ -395,7 +550,7 @@ class Browser:
             loc = location_of(links[n - 1])
             name = words[1] if len(words) > 1 else default_name(loc)
             if loc.type in ("0", "1", "7"):
-                data = fetch(loc, timeout=self.timeout)
+                data = fetch(loc, timeout=self.timeout, limit=self.limit)
                 message = error_message(data)
                 if message is not None:
                     raise ServerError(f"server error: {message}")
