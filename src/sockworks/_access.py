@@ -224,6 +224,8 @@ class AccessControl:
         self.drop_ports = WELL_KNOWN_UDP_PORTS | policy.drop_source_ports | frozenset(own_ports)
         self.active = 0
         self.per_source: dict[str, int] = {}
+        # The policy's per-source limit, unless fit_capacity lowered it.
+        self.per_source_limit = policy.per_source
         self._cps = (
             TokenBucket(policy.cps, max(1.0, policy.cps), clock()) if policy.cps else None
         )
@@ -243,14 +245,26 @@ class AccessControl:
         if p.instances is not None and self.active >= p.instances:
             return f"instance limit ({p.instances}) reached"
         count = self.per_source.get(host, 0)
-        if p.per_source is not None and host and count >= p.per_source:
-            return f"per-source limit ({p.per_source}) reached"
+        limit = self.per_source_limit
+        if limit is not None and host and count >= limit:
+            return f"per-source limit ({limit}) reached"
         if self._cps is not None and not self._cps.take(self.clock()):
             return f"rate limit ({p.cps:g} connections/s) exceeded"
         self.active += 1
         if host:
             self.per_source[host] = count + 1
         return None
+
+    def fit_capacity(self, capacity: int) -> int | None:
+        """The service can hold only ``capacity`` connections (fewer than
+        configured: the descriptor limit). A per-source limit that no
+        longer keeps one address from taking them all is lowered to the
+        default share; returns the new limit if it changed."""
+        limit = self.per_source_limit
+        if limit is None or limit < capacity or capacity <= 1:
+            return None
+        self.per_source_limit = default_per_source(capacity)
+        return self.per_source_limit
 
     def release_connection(self, host: str) -> None:
         """A connection admitted by :meth:`admit_connection` ended."""

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,51 @@ def _report_open_failure(task: asyncio.Task[None]) -> None:
         log.error("cannot serve a listener: %s", task.exception())
 
 
+# Descriptors kept free beside the connections (a file being sent, its
+# sendfile watcher, a log file, a child's pipes): an eighth of the limit,
+# between 4 and 32.
+_FD_MARGIN_MIN, _FD_MARGIN_MAX = 4, 32
+
+
+def _open_descriptors() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except OSError:
+        return None  # not Linux: not known
+
+
+def _fit_descriptor_limit(groups: list[ConnectionGroup]) -> None:
+    """Lower the services' ``max_connections`` to what the open-file limit
+    allows. Out of descriptors, the loop's accept path closes the
+    connections waiting in the backlog instead of leaving them queued, so
+    a service must stop accepting (at its ``max_connections``) before the
+    limit is reached; the excess then waits in the backlog as documented."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    in_use = _open_descriptors()
+    if soft == resource.RLIM_INFINITY or in_use is None:
+        return
+    margin = max(_FD_MARGIN_MIN, min(_FD_MARGIN_MAX, soft // 8))
+    available = max(len(groups), soft - in_use - margin)
+    total = sum(g.max_connections for g in groups)
+    if total <= available:
+        return
+    for group in groups:
+        fitted = max(1, group.max_connections * available // total)
+        group.log.warning(
+            "max connections lowered from %d to %d: the open-file limit is %d"
+            " (raise it with `ulimit -n` or LimitNOFILE= in a systemd unit)",
+            group.max_connections, fitted, soft,
+        )
+        group.max_connections = fitted
+        if group.access is not None:
+            lowered = group.access.fit_capacity(fitted)
+            if lowered is not None:
+                group.log.warning("per-source limit lowered to %d to match", lowered)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -349,6 +395,7 @@ class Server:
                 else:
                     conn = driver.start_datagram(bound, group)
                     self._datagram_conns.append((group, conn))
+        _fit_descriptor_limit([g for g in self.groups if g.listeners])
         for listener in self._listeners:
             listener.resume()
 
