@@ -132,6 +132,22 @@ def _network(v: Any) -> Any:
     return v
 
 
+def _command(v: Any) -> Any:
+    if not isinstance(v, list):
+        raise _Bad(f'expected a list such as ["cat", "-u"], got {_show(v)}')
+    if not v:
+        raise _Bad("empty command: give a program to run")
+    if not all(isinstance(item, str) for item in v):
+        raise _Bad(f"expected a list of strings, got {_show(v)}")
+    return tuple(v)
+
+
+def _environment(v: Any) -> Any:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise _Bad(f'expected a table of strings such as {{ LANG = "C.UTF-8" }}, got {_show(v)}')
+    return dict(v)
+
+
 # Every key a service table (or [defaults]) may have, and its check.
 # The names are the CLI's long options with "_" for "-".
 SERVICE_KEYS: dict[str, Check] = {
@@ -171,6 +187,13 @@ SERVICE_KEYS: dict[str, Check] = {
     "udp_rate": _or_off(_number("datagrams per second (a positive number)")),
     "udp_burst": _whole("a positive whole number"),
     "drop_source_ports": _list_of(_whole("a port number", most=65535), "port numbers"),
+    # exec (services/exec.py checks them in full): the program and its
+    # arguments (a list, never split: no shell unless asked), variables
+    # set or passed through, the working directory
+    "exec": _command,
+    "env": _environment,
+    "pass_env": _list_of(_text, "environment variable names"),
+    "workdir": _text,
 }
 SERVER_KEYS: dict[str, Check] = {"grace": _number("seconds (a number)", zero=True)}
 TOP_KEYS = ("server", "defaults", "services")
@@ -211,6 +234,7 @@ def build_service(
     from ._drivers import make_driver
     from .protocols.classic import parse_quotes
     from .services import SERVICES, ServiceOptions, get_service
+    from .services.exec import EXEC_INSTANCES, exec_options
 
     prefix = f"{where}." if where else ""
     kind = settings.get("service", name)
@@ -251,6 +275,8 @@ def build_service(
             policy[key] = tuple(s[key])
     if "drop_source_ports" in s:
         policy["drop_source_ports"] = frozenset(s["drop_source_ports"])
+    if kind == "exec" and "instances" not in s:
+        policy["instances"] = EXEC_INSTANCES  # a process each: systemd's MaxConnections=64
     access: AccessPolicy = attempt("access", lambda: AccessPolicy(**policy))  # keys checked
     extra: dict[str, Any] = {}
     known = {f.name for f in fields(ServiceOptions)}
@@ -274,12 +300,19 @@ def build_service(
     listen: tuple[Endpoint, ...] = s.get("listen") or tuple(
         parse_endpoint(e) for e in spec.default_listen
     )
-    handler = spec.build(ServiceOptions(limits=limits, access=access, **extra))
+    # exec: the program, its environment, stream listeners only; checked
+    # here, before anything binds (keys for it on another service: an error).
+    service_options = exec_options(
+        ServiceOptions(limits=limits, access=access, **extra), kind, s, listen, prefix
+    )
+    handler = spec.build(service_options)
     if "per_source" not in s:
         # Safe by default: no one address may hold every connection slot.
         # The capacity is the driver's (a blocking handler is also capped
         # by its threads); the handler used only the UDP fields of the policy.
         capacity = make_driver(handler).max_connections(limits)
+        if kind == "exec" and access.instances:  # a quarter of the programs at once
+            capacity = min(capacity, access.instances)
         access = replace(access, per_source=default_per_source(capacity))
     return ServiceConfig(
         handler=handler, listen=listen, name=name, limits=limits, options=options, access=access

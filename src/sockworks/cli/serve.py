@@ -46,6 +46,7 @@ def register(sub: Any) -> None:
     service.add_argument("--advertise", metavar="HOST:PORT",
                          help="gopher: the host and port written into menus (default: the "
                          "address the client connected to)")
+    add_exec_options(serve)
     add_server_options(serve)
     serve.set_defaults(func=run_serve)
 
@@ -63,6 +64,45 @@ def register(sub: Any) -> None:
 
     services = sub.add_parser("services", help="list the built-in services")
     services.set_defaults(func=run_list)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def add_exec_options(p: argparse.ArgumentParser) -> None:
+    """``exec``'s options, and the program after ``--`` (as ``args.exec``)."""
+    ex = p.add_argument_group(
+        "exec: a program per connection (see docs/exec.md)",
+        "sockworks serve exec -l ENDPOINT [options] -- PROGRAM [ARG ...]",
+    )
+    ex.add_argument("--workdir", metavar="DIR",
+                    help="the program's working directory (default: the server's)")
+    ex.add_argument("--env", metavar="NAME=VALUE", action="append", type=_env_pair,
+                    help="set a variable in the program's environment (repeatable)")
+    ex.add_argument("--pass-env", metavar="NAME", action="append",
+                    help="pass this variable of the server's environment (repeatable); "
+                    "else the program gets only PATH=/usr/local/bin:/usr/bin:/bin and "
+                    "the connection's (PROTO, TCPREMOTEIP...)")
+    parse = p.parse_known_args
+
+    # Everything after the first "--" is the program and its arguments, taken
+    # before argparse sees them (it would mix them with SERVICE, and drop
+    # later "--"s the program may need).
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        command = None
+        if "--" in args:
+            cut = args.index("--")
+            args, command = args[:cut], tuple(args[cut + 1:])
+        known, rest = parse(args, namespace)
+        known.exec = command
+        return known, rest
+
+    setattr(p, "parse_known_args", parse_known_args)  # noqa: B010 - an instance's own
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
@@ -331,7 +371,8 @@ def unavailable(config: ServiceConfig) -> BindError | None:
 
 def run_demo(args: argparse.Namespace) -> int:
     offset: int = args.port_offset
-    specs = {spec.name: spec for spec in SERVICES.values()}
+    # Services with default listeners (exec needs a program and a listener).
+    specs = {spec.name: spec for spec in SERVICES.values() if spec.default_listen}
     configs = [service_config(spec, args, demo_listen(spec, offset)) for spec in specs.values()]
     skipped: list[str] = []
 
