@@ -45,6 +45,8 @@ T = TypeVar("T")
 
 # How long a closing connection may take to flush when no idle timeout is set.
 CLOSE_TIMEOUT = 60.0
+# Threads for offloaded work that waits (Reply(offload_waits=True)).
+WAIT_THREADS = 32
 # A lingering close (nginx's lingering_timeout and lingering_time): after
 # our FIN, input is read and discarded until the peer closes, has been quiet
 # this long, or this much time in all has passed.
@@ -297,6 +299,7 @@ class ConnectionGroup:
         )
         self._held: deque[Startable] = deque()
         self._executor: ThreadPoolExecutor | None = None
+        self._wait_executor: ThreadPoolExecutor | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         # Refusals and drops: a line per source and reason a second, 20 a
@@ -397,9 +400,18 @@ class ConnectionGroup:
         while self._held:
             self._held.popleft().start()
 
-    def offload(self, work: Callable[[], T]) -> asyncio.Future[T]:
+    def offload(self, work: Callable[[], T], *, waits: bool = False) -> asyncio.Future[T]:
         """Run ``work`` on the service's worker threads (created on first
-        use): searches and listings too slow for the event loop."""
+        use): searches and listings too slow for the event loop. ``waits``:
+        work that mostly waits (a child process) rather than computes, on
+        threads of its own, so it never queues behind the CPU work."""
+        if waits:
+            if self._wait_executor is None:
+                # Waiting threads hold no GIL; bounded all the same.
+                self._wait_executor = ThreadPoolExecutor(
+                    WAIT_THREADS, thread_name_prefix=f"sockworks-{self.name}-wait"
+                )
+            return self.loop.run_in_executor(self._wait_executor, work)
         if self._executor is None:
             # One thread: the work is CPU bound Python, so a second thread
             # would only fight the event loop for the GIL (measured: a small
@@ -470,9 +482,10 @@ class ConnectionGroup:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        for executor in (self._executor, self._wait_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._wait_executor = None
 
 
 def closed_error(stats: ConnectionStats) -> ConnectionClosed:

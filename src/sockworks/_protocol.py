@@ -55,6 +55,9 @@ class Reply:
     more: bool = False
     reason: str | None = None
     offload: Callable[[], Output] | None = None
+    # The offloaded work mostly waits (a child process, a slow disk) rather
+    # than computes: it runs on threads of its own, not queued behind CPU work.
+    offload_waits: bool = False
 
 
 Output = bytes | Reply | None

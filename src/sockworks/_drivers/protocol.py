@@ -262,7 +262,7 @@ class ProtocolConnection(StreamCore):
             self.group.loop.create_task(self._send_file(out))
             return
         if out.offload is not None:
-            self._start_offload(out.offload)
+            self._start_offload(out.offload, out.offload_waits)
             return
         self._finish(out)
 
@@ -293,10 +293,10 @@ class ProtocolConnection(StreamCore):
                 self.crashed("a queued reply")
                 return
 
-    def _start_offload(self, work: Callable[[], Output]) -> None:
+    def _start_offload(self, work: Callable[[], Output], waits: bool = False) -> None:
         self.offloading = True
         self.hold_reading(True)
-        self.group.offload(work).add_done_callback(self._offload_done)
+        self.group.offload(work, waits=waits).add_done_callback(self._offload_done)
 
     def _offload_done(self, future: asyncio.Future[Output]) -> None:
         self.offloading = False
