@@ -51,7 +51,9 @@ STREAM_C = r"""
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec/1e9;}
+static double now(void) {
+  struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9;
+}
 int main(int c, char **v) {
   int port = atoi(v[2]); long long size = atoll(v[3]);
   struct sockaddr_in a = {0}; a.sin_family = AF_INET; a.sin_port = htons(port);
