@@ -208,6 +208,11 @@ class TLSStream:
         return bool(self._raw) or self._out.pending > 0 or self._fin_due
 
     @property
+    def finished_sending(self) -> bool:
+        """close_notify and the FIN are out, with everything queued before them."""
+        return self._fin_sent and not self._raw and not self._out.pending
+
+    @property
     def _fin_due(self) -> bool:
         return (self._notified or self._aborting) and not self._fin_sent
 
