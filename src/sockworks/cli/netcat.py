@@ -12,13 +12,17 @@ from typing import Any
 
 from .._config import SocketOptions
 from .._endpoint import Endpoint, parse_endpoint
+from .._errors import UsageError
 from ..netcat import (
     Hooks,
     NetcatOptions,
     TLSOptions,
     connect,
     describe_error,
+    exec_connect,
+    exec_listen,
     listen,
+    parse_command,
     scan,
     split_host_ports,
 )
@@ -30,7 +34,11 @@ def register(sub: Any) -> None:
         "connect", help="talk to a socket service: stdin to it, it to stdout",
         description="Connect to ENDPOINT; send stdin to it and print what comes back. "
         "At stdin EOF the write side is shut down and output continues until the peer "
-        "closes. With --zero, ENDPOINT is HOST:PORTS and the open TCP ports are listed.",
+        "closes. With --zero, ENDPOINT is HOST:PORTS and the open TCP ports are listed. "
+        "With --exec/--sh-exec a program's stdin and stdout are the connection, and the "
+        "exit status is the program's.",
+        epilog="example: sockworks connect --exec 'sha256sum' 127.0.0.1:9000 (the "
+        "server's bytes in, their hash back)",
     )
     c.add_argument("endpoint", metavar="ENDPOINT",
                    help="tcp:HOST:PORT, udp:HOST:PORT, unix:PATH, unixgram:PATH (HOST:PORT "
@@ -48,7 +56,11 @@ def register(sub: Any) -> None:
         "listen", help="accept a connection: stdin to it, it to stdout",
         description="Listen on ENDPOINT, accept one connection (more with --keep-open), "
         "send stdin to it and print what it sends. The bound endpoint is reported on "
-        "stderr as 'listening on ENDPOINT' (port 0 picks a free port).",
+        "stderr as 'listening on ENDPOINT' (port 0 picks a free port). With --exec/"
+        "--sh-exec each connection runs a program whose stdin and stdout are the "
+        "connection (with -k a program per client).",
+        epilog="example: sockworks listen -k --sh-exec 'echo \"hello $REMOTE_ADDR\"; cat' "
+        "tcp:127.0.0.1:9000",
     )
     p.add_argument("endpoint", metavar="ENDPOINT", help="where to listen, as for serve")
     p.add_argument("-k", "--keep-open", action="store_true",
@@ -88,6 +100,15 @@ def _common_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
                       "is a terminal)")
     flow.add_argument("-v", "--verbose", action="store_true",
                       help="say on stderr when connections open and close")
+    program = p.add_argument_group(
+        "program", "run a program on the connection instead of relaying stdin/stdout; it "
+        "gets PROTO, TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT, REMOTE_ADDR, "
+        "REMOTE_PORT in its environment")
+    command = program.add_mutually_exclusive_group()
+    command.add_argument("--exec", "-e", dest="exec_command", metavar="'PROGRAM ARGS'",
+                         help="run PROGRAM (split as a shell would, but no shell runs)")
+    command.add_argument("--sh-exec", "-c", dest="sh_command", metavar="'COMMAND'",
+                         help="run COMMAND with /bin/sh -c")
     net = p.add_argument_group("network")
     family = net.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET,
@@ -138,7 +159,9 @@ def _options(args: argparse.Namespace, *, listening: bool) -> NetcatOptions:
         )
     interactive = args.interactive
     if interactive is None:
-        interactive = os.isatty(0) and not args.recv_only
+        # --exec: the program, not the terminal, has the connection.
+        interactive = (os.isatty(0) and not args.recv_only and args.exec_command is None
+                       and args.sh_command is None)
     return NetcatOptions(
         shutdown=not args.no_shutdown,
         crlf=args.crlf,
@@ -206,6 +229,8 @@ def _stop_on_sigterm() -> None:
 
 def run_connect(args: argparse.Namespace) -> int:
     if args.zero:
+        if _command(args) is not None:
+            raise UsageError("--zero scans ports; it cannot run --exec/--sh-exec")
         return _run_zero(args)
     return _run_relay(connect, args, listening=False)
 
@@ -218,15 +243,32 @@ def _run_relay(relay: Callable[..., None], args: argparse.Namespace, *, listenin
     """Run ``connect`` or ``listen`` from the command line."""
     endpoint = parse_endpoint(args.endpoint)
     options = _options(args, listening=listening)
+    command = _command(args)
     _std_fds_open()
     _stop_on_sigterm()
     try:
+        if command is not None:
+            run = exec_listen if listening else exec_connect
+            # The program's exit status is ours (128 + N if killed by signal N).
+            return run(endpoint, command, options, hooks=_hooks(args))
         relay(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the safety net: one line, never a traceback
         return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
     return EXIT_OK
+
+
+def _command(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--exec / --sh-exec as an argv; None when neither is given."""
+    if args.exec_command is None and args.sh_command is None:
+        return None
+    if args.hex:
+        raise UsageError("--hex does not apply with --exec/--sh-exec "
+                         "(the program has the connection)")
+    if args.sh_command is not None:
+        return parse_command(args.sh_command, shell=True)
+    return parse_command(args.exec_command)
 
 
 def _run_zero(args: argparse.Namespace) -> int:
