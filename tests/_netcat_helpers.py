@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,8 @@ def payload(size: int, seed: int = 1) -> bytes:
 
 class Proc:
     def __init__(self, argv: Sequence[str], tmp: Path, name: str,
-                 stdin: bytes | str | None = None) -> None:
+                 stdin: bytes | str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.out_path = tmp / f"{name}.out"
         self.err_path = tmp / f"{name}.err"
@@ -55,7 +56,7 @@ class Proc:
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
                 list(argv), stdin=stdin_arg, stdout=out, stderr=err, cwd=ROOT,  # type: ignore[arg-type]
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
             )
 
     @property
@@ -119,14 +120,16 @@ class Procs:
         self.tmp = tmp
         self.started: list[Proc] = []
 
-    def run(self, argv: Sequence[str], name: str, stdin: bytes | str | None = None) -> Proc:
-        proc = Proc(argv, self.tmp, name, stdin)
+    def run(self, argv: Sequence[str], name: str, stdin: bytes | str | None = None,
+            env: Mapping[str, str] | None = None) -> Proc:
+        proc = Proc(argv, self.tmp, name, stdin, env)
         self.started.append(proc)
         return proc
 
     def sockworks(self, *args: str, name: str = "sockworks",
-                  stdin: bytes | str | None = None) -> Proc:
-        return self.run([*SOCKWORKS, *args], name, stdin)
+                  stdin: bytes | str | None = None,
+                  env: Mapping[str, str] | None = None) -> Proc:
+        return self.run([*SOCKWORKS, *args], name, stdin, env)
 
     def cleanup(self) -> None:
         for proc in self.started:
@@ -225,3 +228,39 @@ def tls_bystander(address: tuple[str, int], cafile: str, *, source: str = "127.0
 # The start of a TLS ClientHello: a handshake record that announces 512
 # bytes, of which only the first few ever come.
 PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001") + bytes.fromhex("0001fc0303") + b"\0" * 8
+
+
+def read_all(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Everything ``sock`` receives until the peer's EOF (a reset fails the test)."""
+    sock.settimeout(timeout)
+    chunks = []
+    while data := sock.recv(1 << 16):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def read_line(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """One line, read a byte at a time so that nothing after it is consumed."""
+    sock.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"EOF after {line!r}, before a whole line")
+        line += byte
+    return line
+
+
+def children(pid: int) -> list[int]:
+    """The live (or zombie) child processes of ``pid``."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def wait_no_children(pid: int, timeout: float = 10.0) -> None:
+    """Until every child of ``pid`` has been reaped (a zombie still counts)."""
+    deadline = time.monotonic() + timeout
+    while left := children(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"children of {pid} not reaped: {left}")
+        time.sleep(0.02)
