@@ -16,6 +16,9 @@ What is answered:
 * ``caps.txt``: a generated capabilities file;
 * ``URL:…``: an HTML page that sends a web browser on (the Bucktooth
   convention for links to other protocols);
+* with scripts on (``GopherSite.scripts``), an executable file: its output,
+  from a run on a thread of its own (see :mod:`sockworks.gopher.scripts`;
+  ``*.dcgi`` output is a gophermap, made a menu);
 * anything else, or anything unsafe: a type-3 error menu.
 
 Any byte string a client sends gets one of these answers or a type-3
@@ -36,6 +39,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html import escape
+from typing import Protocol
 
 from .._buffer import LineBuffer
 from .._errors import LineTooLong
@@ -53,7 +57,7 @@ from ..gopher.items import (
     stuff_text,
 )
 from ..gopher.requests import BadRequest, join_selector, parse_request, selector_parts, split_query
-from ..gopher.root import Node, Root, RootError, Stamp, StampedRoot, Unreadable
+from ..gopher.root import Node, NotFound, Root, RootError, Stamp, StampedRoot, Unreadable
 
 # Files the server cannot read are the operator's to fix: a warning each.
 log = logging.getLogger("sockworks.gopher")
@@ -100,6 +104,51 @@ class SearchLimits:
     # about 2 G characters a second (str.find) that is ~0.25 s of one core,
     # however many words a request line of 8 KiB can hold.
     max_work: int = 512 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """One run of a script: what its environment is made of."""
+
+    path: str  # the resolved file, inside the root
+    script: str  # its own selector (``/cgi/hello``)
+    selector: str  # the selector as asked, ``?query`` included
+    query: str  # after ``?`` in the selector ("" for none)
+    search: str  # after the TAB (a type-7 search string; "" for none)
+    item_type: str  # what the output is sent as
+    host: str  # this server, as written into menus
+    port: int
+    remote_host: str  # the client ("" over a Unix socket)
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptResult:
+    """What a run gave: ``output`` when ``failure`` is None; else why (for
+    the log and the close reason) and ``message`` for the type-3 line."""
+
+    output: bytes
+    failure: str | None = None
+    message: str = ""
+    busy: bool = False  # refused for the bound on scripts at once
+
+
+class Scripts(Protocol):
+    """What the protocol needs to run executable files as pages (the real
+    one: :class:`sockworks.gopher.scripts.ScriptRunner`)."""
+
+    def is_script(self, path: str) -> bool:
+        """Whether a resolved regular file is run rather than served."""
+        ...
+
+    def run(self, call: ScriptCall) -> ScriptResult:
+        """Run it to the end (on a worker thread; thread-safe)."""
+        ...
+
+
+# A script whose name ends so writes a gophermap, served as a menu (the
+# geomyidae convention; Gophernicus calls such output a "dynamic menu").
+DCGI = ".dcgi"
 
 
 # A directory entry looked at by a search (readdir, a Node, its type, the
@@ -151,6 +200,9 @@ class GopherSite:
     _answers: OrderedDict[bytes, tuple[Stamp, Reply, int]] = field(default_factory=OrderedDict)
     _answered: int = 0
     _stamper: StampedRoot | None = field(default=None, init=False)
+    # Executable files run as pages (``--exec-scripts``); None: served as
+    # files, as any other.
+    scripts: Scripts | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.root, StampedRoot):
@@ -298,10 +350,12 @@ class GopherProtocol(StreamProtocol):
         self.answered = False
         self._stream: Iterator[bytes] | None = None
         self._asked: bytes | None = None  # the request line, for the log
+        self.peer: Peer | None = None  # the client, for scripts
 
     # -- the connection ------------------------------------------------------
 
     def on_connect(self, peer: Peer, local: Peer | None = None) -> Output:
+        self.peer = peer
         if self.site.advertise is None and local is not None and local.host:
             self.host, self.port = local.host, local.port
         return None
@@ -408,10 +462,17 @@ class GopherProtocol(StreamProtocol):
             # The first line goes out at once: the client sees its query
             # taken while the search runs on a worker thread.
             return self._offload(lambda: self._search(start, text), first=_search_header(text))
+        scripts = self.site.scripts
+        if scripts is not None and "?" in selector:
+            script = self._script_with_query(scripts, selector, request.query)
+            if script is not None:
+                return script
         parts = selector_parts(selector)
         node = self.root.resolve(parts)
         if node.kind == "dir":
             return self._menu_reply(node)
+        if scripts is not None and node.name != GOPHERMAP and scripts.is_script(node.path):
+            return self._script(scripts, node, selector, "", request.query)
         # The answer is cached under the request line when the line is
         # the file's own selector (with or without its leading /, a Gopher+
         # marker at most): the many other spellings of one file (trailing
@@ -449,6 +510,58 @@ class GopherProtocol(StreamProtocol):
 
         return Reply(data=first, offload=run)
 
+    # -- scripts -------------------------------------------------------------
+
+    def _script_with_query(self, scripts: Scripts, selector: str,
+                           search: str | None) -> Reply | None:
+        """``/cgi/page?query``: the script ``/cgi/page`` with QUERY_STRING
+        ``query``, when no file is named the whole selector (a file name
+        may hold a ``?``, and is served as before). None: not a script."""
+        try:
+            self.root.resolve(selector_parts(selector))
+            return None  # a file or directory of that very name
+        except (BadRequest, NotFound):
+            pass
+        path, query = split_query(selector)
+        try:
+            node = self.root.resolve(selector_parts(path))
+        except (BadRequest, RootError):
+            return None  # the whole selector's own error is answered
+        if node.kind != "file" or node.name == GOPHERMAP or not scripts.is_script(node.path):
+            return None
+        return self._script(scripts, node, selector, query or "", search)
+
+    def _script(self, scripts: Scripts, node: Node, selector: str, query: str,
+                search: str | None) -> Reply:
+        """Run an executable file on a thread of its own; its output is
+        the item: a menu for ``*.dcgi`` (its gophermap lines), text
+        dot-stuffed for a text type, anything else raw. A failure is a
+        type-3 error (the runner logs why)."""
+        kind = "1" if node.name.lower().endswith(DCGI) else self._type(node)
+        directory = self.root.resolve(node.parts[:-1]) if kind == "1" else None
+        peer = self.peer
+        call = ScriptCall(
+            path=node.path, script=join_selector(node.parts), selector=selector,
+            query=query, search=search or "", item_type=kind, host=self.host,
+            port=self.port, remote_host=peer.host if peer is not None else "",
+            remote_port=peer.port if peer is not None else 0,
+        )
+
+        def run() -> Output:
+            result = scripts.run(call)
+            if result.failure is not None:
+                return Reply(data=error_menu(result.message or "Script failed"), close=True,
+                             reason=f"script: {result.failure}")
+            if directory is not None:
+                data = format_menu(self.mapped(directory, result.output))
+            elif kind in TEXT_TYPES:
+                data = stuff_text(result.output)
+            else:
+                data = result.output
+            return Reply(data=data, close=True)
+
+        return Reply(offload=run, offload_waits=True)
+
     def _text(self, node: Node, key: bytes | None = None) -> Reply:
         if node.size <= WHOLE_TEXT_LIMIT:
             stamper = self.site._stamper
@@ -474,6 +587,8 @@ class GopherProtocol(StreamProtocol):
     def _type(self, node: Node) -> str:
         if node.kind == "dir":
             return "1"
+        if self.site.scripts is not None and node.name.lower().endswith(DCGI):
+            return "1"  # a dynamic menu (listed so; run when asked)
         kind = guess_type(node.name)
         if kind == "9":  # no known extension: look at the first bytes
             return guess_type(node.name, self.root.head(node, SNIFF_BYTES))
@@ -593,6 +708,7 @@ class GopherProtocol(StreamProtocol):
         there."""
         words = list(dict.fromkeys(query.casefold().split()))  # each word once
         limits = self.site.search
+        scripts = self.site.scripts
         found: list[Item] = []
         matches = files = read = work = 0
         pending = deque([start] if start.kind == "dir" else [])
@@ -609,6 +725,8 @@ class GopherProtocol(StreamProtocol):
                     continue
                 if self._type(child) not in TEXT_TYPES:
                     continue
+                if scripts is not None and scripts.is_script(child.path):
+                    continue  # a page is run, never shown as its source
                 if (files >= limits.max_files or read >= limits.max_bytes
                         or work >= limits.max_work):
                     truncated = True
