@@ -175,6 +175,8 @@ SERVICE_KEYS: dict[str, Check] = {
     "quotes": _text,  # qotd: a file, one quote per paragraph
     "root": _text,  # gopher
     "advertise": _text,  # gopher
+    "exec_scripts": _flag,  # gopher: executable files run as pages
+    "script_timeout": _number("seconds (a positive number)"),  # gopher, with exec_scripts
     # access control and abuse protection
     "allow": _list_of(_network, "addresses or CIDR networks"),
     "deny": _list_of(_network, "addresses or CIDR networks"),
@@ -235,6 +237,7 @@ def build_service(
     from .protocols.classic import parse_quotes
     from .services import SERVICES, ServiceOptions, get_service
     from .services.exec import EXEC_INSTANCES, exec_options
+    from .services.gopher import gopher_script_options
 
     prefix = f"{where}." if where else ""
     kind = settings.get("service", name)
@@ -285,6 +288,11 @@ def build_service(
             if key not in known:
                 raise ConfigError(f"{prefix}{key}: not an option of this sockworks")
             extra[key] = s[key]
+    # gopher's scripts: refused on other services, and a timeout without them.
+    try:
+        extra.update(gopher_script_options(kind, s))
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
     if s.get("quotes") is not None:
         path = Path(s["quotes"]).expanduser()
         if base is not None and not path.is_absolute():

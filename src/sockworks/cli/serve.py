@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
     service.add_argument("--advertise", metavar="HOST:PORT",
                          help="gopher: the host and port written into menus (default: the "
                          "address the client connected to)")
+    service.add_argument("--exec-scripts", action="store_true", default=None,
+                         help="gopher: run executable files inside the root and send their "
+                         "output (dynamic pages; *.dcgi output is a menu). Default: off, "
+                         "executables are served as files")
+    service.add_argument("--script-timeout", type=seconds, metavar="SECONDS",
+                         help="gopher, with --exec-scripts: a script's time limit (default 10)")
     add_exec_options(serve)
     add_server_options(serve)
     serve.set_defaults(func=run_serve)

@@ -24,6 +24,10 @@ class ServiceOptions:
     # address each client connected to).
     root: str | None = None
     advertise: str | None = None
+    # gopher: run executable files as pages (--exec-scripts), and their
+    # time limit in seconds (None: gopher/scripts.py DEFAULT_TIMEOUT).
+    exec_scripts: bool = False
+    script_timeout: float | None = None
     clock: Callable[[], float] = time.time
     # qotd: the quotes to serve (None: the built-in set).
     quotes: tuple[bytes, ...] | None = None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._config import Limits
@@ -13,6 +13,7 @@ from .._drivers import ProtocolDriver
 from .._endpoint import Endpoint, split_host_port
 from .._errors import ConfigError, EndpointError
 from ..gopher.fsroot import FileSystemRoot
+from ..gopher.scripts import DEFAULT_TIMEOUT, ScriptRunner
 from ..protocols.gopher import GopherProtocol, GopherSite
 from ._spec import ServiceOptions, ServiceSpec
 
@@ -40,6 +41,35 @@ def default_root() -> str:
     return str(HOLE.resolve())
 
 
+# The settings only gopher has, for its scripts.
+SCRIPT_KEYS = ("exec_scripts", "script_timeout")
+
+
+def gopher_script_options(kind: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`ServiceOptions` fields for gopher's scripts from
+    config-file keys (``exec_scripts``, ``script_timeout``). A
+    :class:`ConfigError` naming the key for them on another service, for a
+    timeout without scripts, or for a timeout that is not a positive number
+    of seconds."""
+    given = [k for k in SCRIPT_KEYS if settings.get(k) is not None]
+    if not given:
+        return {}
+    if kind != "gopher":
+        raise ConfigError(f"{given[0]}: an option of the gopher service only")
+    out: dict[str, Any] = {"exec_scripts": bool(settings.get("exec_scripts"))}
+    timeout = settings.get("script_timeout")
+    if timeout is not None:
+        if not out["exec_scripts"]:
+            raise ConfigError("script_timeout: needs exec_scripts (--exec-scripts)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < float("inf")
+        ):
+            raise ConfigError(f"script_timeout: expected a positive number of seconds, "
+                              f"got {timeout!r:.60}")
+        out["script_timeout"] = float(timeout)
+    return out
+
+
 def parse_advertise(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) for ``--advertise``."""
     try:
@@ -60,9 +90,11 @@ class GopherDriver(Driver):
 
     name = "protocol"
 
-    def __init__(self, stream: Callable[[], GopherProtocol], served: str) -> None:
+    def __init__(self, stream: Callable[[], GopherProtocol], served: str,
+                 scripts: ScriptRunner | None = None) -> None:
         self.inner = ProtocolDriver(stream=stream)
         self.served = served
+        self.scripts = scripts
 
     def supports(self, endpoint: Endpoint) -> bool:
         return self.inner.supports(endpoint)
@@ -75,6 +107,10 @@ class GopherDriver(Driver):
         return self.inner.connection_factory(group)
 
     def close(self) -> None:
+        # Scripts still running past the grace period are killed, so that
+        # their threads end and the process can exit.
+        if self.scripts is not None:
+            self.scripts.stop_all()
         self.inner.close()
 
 
@@ -85,17 +121,25 @@ def build(options: ServiceOptions) -> Driver:
     except OSError as exc:
         raise ConfigError(f"gopher root {root_dir!r}: {exc.strerror or exc}") from None
     advertise_text = options.advertise
+    scripts = ScriptRunner(
+        root.directory,
+        timeout=options.script_timeout or DEFAULT_TIMEOUT,
+        version=__version__,
+    ) if options.exec_scripts else None
     site = GopherSite(
         root=root,
         advertise=parse_advertise(advertise_text) if advertise_text else None,
         max_request=options.limits.max_line,
         version=__version__,
+        scripts=scripts,
     )
     served = f"{root.directory} (" + (
         "--root)" if options.root else "the documentation shipped with sockworks; "
         "--root DIR serves another)"
     )
-    return GopherDriver(lambda: GopherProtocol(site), served)
+    if scripts is not None:
+        served += f"; executable files run as pages (--exec-scripts, {scripts.timeout:g} s each)"
+    return GopherDriver(lambda: GopherProtocol(site), served, scripts)
 
 
 GOPHER_SERVICES: tuple[ServiceSpec, ...] = (
