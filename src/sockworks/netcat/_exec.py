@@ -692,6 +692,8 @@ class _ExecLoop:
     def _read_child(self, s: _Session) -> None:
         """The program's stdout → TLS, a chunk at a time while TLS keeps up."""
         assert s.tls is not None and s.from_child is not None
+        if s.tls.has_output:
+            return  # TLS is behind (a post-handshake message came out meanwhile): later
         try:
             n = os.readv(s.from_child, [self.view])
         except BlockingIOError:
