@@ -438,3 +438,14 @@ def test_a_program_that_cannot_start_is_status_1(procs: Procs, tmp_path: Path) -
     assert listener.proc.poll() is None
     assert listener.stop() == 0
     assert "Traceback" not in listener.err
+
+
+def test_denied_peer_gets_no_program(procs: Procs) -> None:
+    listener = procs.sockworks("listen", "-k", "-v", "--deny", "127.0.0.1", "--exec",
+                               "echo hi", "tcp:127.0.0.1:0", name="l")
+    with connect_to(listener.endpoint()) as sock:
+        assert read_all(sock) == b""
+    listener.wait_err("refused a connection from 127.0.0.1")
+    assert children(listener.proc.pid) == []
+    assert "running" not in listener.err
+    assert listener.stop() == 0, listener.err
