@@ -191,6 +191,9 @@ class ScriptRunner:
             self._running.add(proc.pid)
         try:
             return self._collect(proc)
+        except BaseException:
+            self._stop(proc)  # never leave it running, whatever went wrong here
+            raise
         finally:
             with self._lock:
                 self._running.discard(proc.pid)
