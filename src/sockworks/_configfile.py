@@ -17,6 +17,11 @@ The file (see ``docs/classic.md`` and ``examples/inetd.toml``)::
     listen = ["tcp:0.0.0.0:7008"]
     per_source = 4
 
+    [services.upper]                # your own: MODULE:NAME (see _apps.py)
+    service = "mymod:Upper"
+    app_dir = "/srv/app"            # where mymod.py is (default: the current directory)
+    listen = ["tcp:127.0.0.1:9000"]
+
 Every error names the file, the key and the reason
 (``inetd.toml: services.echo.timeout: expected seconds (a number), got 'x'``)
 and is raised as :class:`ConfigError`; nothing is half-configured.
@@ -196,6 +201,9 @@ SERVICE_KEYS: dict[str, Check] = {
     "env": _environment,
     "pass_env": _list_of(_text, "environment variable names"),
     "workdir": _text,
+    # MODULE:NAME services: the directory the module is imported from
+    # (relative to the config file's directory; default: the current one)
+    "app_dir": _text,
 }
 SERVER_KEYS: dict[str, Check] = {"grace": _number("seconds (a number)", zero=True)}
 TOP_KEYS = ("server", "defaults", "services")
@@ -223,6 +231,65 @@ def check_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+# Settings only MODULE:NAME services take.
+APP_KEYS = frozenset({"app_dir"})
+
+
+def unknown_service(kind: str) -> str:
+    """Why ``kind`` names no service, in one line; an endpoint given as the
+    service shows how to write it."""
+    from .services import SERVICES
+
+    if "://" in kind or kind.partition(":")[0] in ("tcp", "udp", "unix", "unixgram"):
+        return (f"{kind!r} is an endpoint, not a service: name the service and give "
+                "the endpoint with -l (sockworks serve echo -l tcp:127.0.0.1:7007)")
+    return (f"unknown service {kind!r} (known: {', '.join(sorted(SERVICES))}; "
+            "or MODULE:NAME for your own)")
+
+
+def takes(kind: str, key: str) -> bool:
+    """Whether the service ``kind`` takes the service-specific ``key``."""
+    from ._apps import is_app_reference
+    from .services import SERVICES
+
+    if kind in SERVICES:
+        return key in SERVICES[kind].options
+    return key in APP_KEYS and is_app_reference(kind)
+
+
+def owners_of(key: str) -> str:
+    """Who takes a service-specific setting, for messages."""
+    from .services import SERVICES
+
+    if key in APP_KEYS:
+        return "MODULE:NAME services"
+    names = [s.name for s in SERVICES.values() if key in s.options]
+    return "the " + " and ".join(names) + (" services" if len(names) > 1 else " service")
+
+
+def own_keys() -> frozenset[str]:
+    """Every setting only some services take."""
+    from .services import SERVICE_OPTIONS
+
+    return SERVICE_OPTIONS | APP_KEYS
+
+
+def app_spec(reference: str, app_dir: str | None, base: Path | None) -> Any:
+    """A :class:`ServiceSpec` for ``MODULE:NAME``: the handler imported now
+    (a mistake is a :class:`ConfigError` before anything binds), no default
+    listener, the default limits, no service options."""
+    from ._apps import load_app
+    from .services import ServiceSpec
+
+    directory: Path | None = None
+    if app_dir is not None:
+        directory = Path(app_dir).expanduser()
+        if base is not None and not directory.is_absolute():
+            directory = base / directory
+    handler = load_app(reference, directory)
+    return ServiceSpec(reference, "your own service", (), lambda o: handler)
+
+
 def build_service(
     name: str,
     settings: Mapping[str, Any],
@@ -233,6 +300,7 @@ def build_service(
     """A :class:`ServiceConfig` for a built-in service from checked settings
     (see :data:`SERVICE_KEYS`; absent keys keep the defaults). ``where``
     prefixes errors; ``base`` is the directory relative paths start from."""
+    from ._apps import is_app_reference
     from ._drivers import make_driver
     from .protocols.classic import parse_quotes
     from .services import SERVICES, ServiceOptions, get_service
@@ -241,13 +309,24 @@ def build_service(
 
     prefix = f"{where}." if where else ""
     kind = settings.get("service", name)
-    if kind not in SERVICES:
-        key = f"{prefix}service" if "service" in settings else (where or "service")
-        raise ConfigError(
-            f"{key}: unknown service {kind!r} (known: {', '.join(sorted(SERVICES))})"
-        )
-    spec = get_service(kind)
+    service_key = f"{prefix}service" if "service" in settings else where
+    if kind in SERVICES:
+        spec = get_service(kind)
+    elif is_app_reference(kind):
+        try:
+            spec = app_spec(kind, settings.get("app_dir"), base)
+        except ConfigError as exc:
+            raise ConfigError(f"{service_key}: {exc}" if service_key else str(exc)) from None
+    else:
+        raise ConfigError(f"{service_key or 'service'}: {unknown_service(kind)}")
     s = settings
+    # A setting of another service is a mistake to report, never ignored.
+    for key in s:
+        if key in own_keys() and not takes(kind, key):
+            raise ConfigError(
+                f"{prefix}{key}: an option of {owners_of(key)} only, "
+                f"not of the {kind} service"
+            )
 
     def attempt(key: str, make: Callable[[], Any]) -> Any:
         try:
@@ -305,6 +384,12 @@ def build_service(
         extra["quotes"] = attempt("quotes", lambda: parse_quotes(text, str(path)))
     if "listen" in s and not s["listen"]:
         raise ConfigError(f"{prefix}listen: a service needs at least one endpoint")
+    if not s.get("listen") and is_app_reference(kind) and kind not in SERVICES:
+        # Your own service has no port of its own: a person says where it goes.
+        raise ConfigError(
+            f"{prefix}listen: {kind} has no default listener: give one "
+            "(listen = [\"tcp:127.0.0.1:PORT\"]; -l on the command line)"
+        )
     listen: tuple[Endpoint, ...] = s.get("listen") or tuple(
         parse_endpoint(e) for e in spec.default_listen
     )
@@ -407,11 +492,25 @@ def _load(data: Mapping[str, Any], base: Path) -> LoadedConfig:
     if not services:
         raise ConfigError("services: no service configured (add a [services.NAME] table)")
     built: list[tuple[str, ServiceConfig]] = []
+    # A service-specific setting in [defaults] (token, root, app_dir...) is
+    # for the services that take it; one that no service here takes is a
+    # mistake, reported like any other.
+    shared = {k: v for k, v in defaults.items() if k not in own_keys()}
+    unused = set(defaults) - set(shared)
     for name, table in services.items():
         where = f"services.{name}"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table ([{where}]), got {_show(table)}")
-        settings = {**defaults, **check_settings(table, where)}
+        kind = table.get("service", name)
+        kind = kind if isinstance(kind, str) else name
+        own = {k: v for k, v in defaults.items() if k not in shared and takes(kind, k)}
+        unused -= set(own)
+        settings = {**shared, **own, **check_settings(table, where)}
         built.append((where, build_service(name, settings, where=where, base=base)))
+    if unused:
+        key = min(unused)
+        raise ConfigError(
+            f"defaults.{key}: no service in this file takes it (an option of {owners_of(key)})"
+        )
     check_listeners(built)
     return LoadedConfig(tuple(config for _, config in built), grace)

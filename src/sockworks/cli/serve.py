@@ -10,7 +10,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._access import PER_SOURCE_CAP, parse_network
-from .._configfile import SERVICE_KEYS, build_service, load_config
+from .._apps import is_app_reference
+from .._configfile import (
+    SERVICE_KEYS,
+    build_service,
+    load_config,
+    own_keys,
+    owners_of,
+    takes,
+    unknown_service,
+)
 from .._endpoint import parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, UsageError
 from .._run import run_services
@@ -18,31 +27,53 @@ from .._server import Server, ServiceConfig
 from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
 from ..services import SERVICES, ServiceSpec, get_service
-from ._common import EXIT_OK, add_logging_options, positive_int, seconds, setup_logging
+from ._common import (
+    EXIT_OK,
+    add_logging_options,
+    doc,
+    examples,
+    positive_int,
+    seconds,
+    setup_logging,
+)
+
+SERVE_EXAMPLES = examples(
+    ("sockworks serve echo", "tcp and udp on 127.0.0.1:7007"),
+    ("sockworks serve greeting --token s3cret -l tcp:127.0.0.1:8001", "a built-in, elsewhere"),
+    ("sockworks serve mymod:Upper -l tcp:127.0.0.1:9000", "your own: Upper in ./mymod.py"),
+    ("sockworks serve --config inetd.toml", "several services, inetd style"),
+)
 
 
 def register(sub: Any) -> None:
     serve = sub.add_parser(
         "serve", help="run a service",
         description="Run one service, or (--config) any number of them, inetd style.",
+        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("service", metavar="SERVICE", nargs="?",
-                       help="service name: " + ", ".join(SERVICES))
+                       help="a built-in service (" + ", ".join(SERVICES) + "), or "
+                       "MODULE:NAME: your own protocol class, handler or factory NAME in "
+                       "MODULE (found in --app-dir)")
     serve.add_argument("--config", "-c", metavar="FILE.toml",
-                       help="run the services a TOML file describes (see docs/classic.md)")
+                       help=f"run the services a TOML file describes (see {doc('classic.md')})")
     serve.add_argument(
         "--listen", "-l", metavar="ENDPOINT", action="append", default=[],
         help="where to listen (repeatable): tcp:HOST:PORT, tcp:[::1]:PORT, udp:HOST:PORT, "
-        "unix:PATH, unixgram:PATH; HOST:PORT means TCP. Default: the service's own ports "
-        "on 127.0.0.1",
+        "unix:PATH, unixgram:PATH; HOST:PORT means TCP. An empty host binds EVERY "
+        "interface: -l :80 listens on tcp:[::]:80, open to the network. Default: the "
+        "service's own ports on 127.0.0.1 (MODULE:NAME has none: -l is required)",
     )
+    serve.add_argument("--app-dir", metavar="DIR",
+                       help="MODULE:NAME: the directory MODULE is imported from "
+                       "(default: the current directory)")
     service = serve.add_argument_group("service options")
     service.add_argument("--token", help="greeting: the token that is welcomed (default 1)")
     service.add_argument("--quotes", metavar="FILE",
                          help="qotd: quotes to serve, one per paragraph (default: built-in)")
     service.add_argument("--root", metavar="DIR",
-                         help="gopher: the directory served (default: the source tree's "
-                         "docs/ when it has a gophermap, else the current directory)")
+                         help="gopher: the directory served (default: the sockworks "
+                         "documentation shipped with it, never the current directory)")
     service.add_argument("--advertise", metavar="HOST:PORT",
                          help="gopher: the host and port written into menus (default: the "
                          "address the client connected to)")
@@ -113,8 +144,11 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits (on by default)")
-    limits.add_argument("--timeout", type=seconds, metavar="SECONDS",
-                        help="idle timeout; 0 turns it off (default 300, greeting 5)")
+    limits.add_argument("--timeout", "--idle-timeout", type=seconds, metavar="SECONDS",
+                        dest="timeout",
+                        help="idle timeout: a peer is disconnected when nothing has moved "
+                        "either way for this long (not a connect timeout); 0 turns it off "
+                        "(default 300, greeting 5)")
     limits.add_argument("--request-timeout", type=seconds, metavar="SECONDS",
                         help="time for a whole request line (gopher, charcount, greeting), "
                         "however slowly it drips in; 0 turns it off (default 30, greeting 5)")
@@ -203,7 +237,7 @@ def _port(text: str) -> int:
 
 def add_access_options(p: argparse.ArgumentParser) -> None:
     acc = p.add_argument_group(
-        "access control (most specific allow/deny match wins; see docs/classic.md)")
+        f"access control (most specific allow/deny match wins; see {doc('classic.md')})")
     acc.add_argument("--allow", metavar="NET", action="append", type=_network,
                      help="allow this address or CIDR network (repeatable); once any is "
                      "given, addresses matching none are refused")
@@ -242,14 +276,44 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def option_name(key: str) -> str:
+    """The command-line option for a setting (``exec_scripts``: ``--exec-scripts``)."""
+    if key == "exec":
+        return "a PROGRAM after --"
+    if key == "drop_source_ports":
+        return "--drop-source-port"
+    return "--" + key.replace("_", "-")
+
+
+def check_applicable(kind: str, settings: dict[str, Any]) -> None:
+    """A service option given to a service that does not take it is a usage
+    error naming the option and the service (``--token`` on echo)."""
+    for key in settings:
+        if key in own_keys() and not takes(kind, key):
+            if key == "exec":  # the message tests and scripts know
+                raise UsageError(f"exec: only the exec service runs a program, not {kind}")
+            raise UsageError(
+                f"{option_name(key)} does not apply to the {kind} service "
+                f"({key}: an option of {owners_of(key)} only)"
+            )
+
+
 def service_config(
-    spec: ServiceSpec, args: argparse.Namespace, listen: Sequence[str]
+    spec: ServiceSpec | str, args: argparse.Namespace, listen: Sequence[str]
 ) -> ServiceConfig:
-    """A :class:`ServiceConfig` for ``spec`` from the command line."""
+    """A :class:`ServiceConfig` for a built-in ``spec`` or a ``MODULE:NAME``
+    reference, from the command line."""
+    kind = spec if isinstance(spec, str) else spec.name
     settings = cli_settings(args)
+    check_applicable(kind, settings)
     if listen:
         settings["listen"] = [parse_endpoint(e) for e in listen]
-    return build_service(spec.name, settings)
+    elif kind not in SERVICES:
+        raise UsageError(
+            f"{kind} has no default listener: give one with -l, e.g. "
+            f"sockworks serve {kind} -l tcp:127.0.0.1:9000"
+        )
+    return build_service(kind, settings)
 
 
 # Descriptors the process holds besides its listeners: stdio, and what the
@@ -324,7 +388,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.service is None:
         raise UsageError("name a SERVICE to run, or give --config FILE.toml")
-    config = service_config(get_service(args.service), args, args.listen)
+    kind: str = args.service
+    if kind not in SERVICES and not is_app_reference(kind):
+        raise UsageError(unknown_service(kind))
+    config = service_config(get_service(kind) if kind in SERVICES else kind, args, args.listen)
     start([config], args, args.grace, announce)
     return EXIT_OK
 

@@ -52,6 +52,9 @@ class ServiceSpec:
     # Bytes a UDP reply may exceed the amplification cap by: the fixed size
     # of the service's answer (time 4, daytime 64, timestamp 27).
     reply_slack: int = 0
+    # The service's own settings (config-file keys such as "token"); any
+    # other service given one of them is refused, never silently ignored.
+    options: frozenset[str] = frozenset()
 
     def default_limits(self) -> Limits:
         return Limits().updated(**self.limits)
