@@ -12,6 +12,7 @@ graceful shutdown and logging::
     sockworks.serve(handle, "tcp:127.0.0.1:9000")
 """
 
+from ._access import AccessPolicy, default_per_source
 from ._buffer import LineBuffer
 from ._config import Limits, SocketOptions
 from ._drivers import (
@@ -52,6 +53,7 @@ from ._server import Server, ServiceConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessPolicy",
     "BindError",
     "BlockingConnection",
     "ConfigError",
@@ -81,6 +83,7 @@ __all__ = [
     "UnknownServiceError",
     "UsageError",
     "close",
+    "default_per_source",
     "make_driver",
     "parse_endpoint",
     "run_services",

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+from ._access import AccessPolicy
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
 from ._server import Server, ServiceConfig
@@ -59,22 +62,78 @@ async def serve_until_signalled(
             loop.remove_signal_handler(sig)
 
 
+# The CLI's format, so a script's log reads like ``sockworks serve``'s.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
+
+
+@contextmanager
+def default_logging(enabled: bool = True) -> Iterator[None]:
+    """While serving, log INFO and above to stderr as the CLI does - unless
+    ``enabled`` is false or the application configured logging itself (a
+    handler on the ``sockworks`` logger or an ancestor, such as root after
+    ``logging.basicConfig()``): then its configuration rules. Without this,
+    Python would show only warnings (``logging.lastResort``): no
+    ``listening on`` line, no connection log. Undone on return."""
+    logger = logging.getLogger("sockworks")
+    if not enabled or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def log_listening(server: Server) -> None:
+    """The ``listening on ENDPOINT`` lines, as log records (library code
+    never prints; the CLI writes its own to stderr)."""
+    for name, endpoint in server.endpoints:
+        logging.getLogger(f"sockworks.{name}").info("listening on %s", endpoint)
+
+
 def serve(
     handler: Any,
     *listen: str | Endpoint,
     limits: Limits | None = None,
     options: SocketOptions | None = None,
+    access: AccessPolicy | None = None,
     grace: float = 5.0,
     name: str | None = None,
     on_ready: Callable[[Server], None] | None = None,
+    log: bool = True,
 ) -> None:
     """Serve ``handler`` on ``listen`` endpoints until SIGINT/SIGTERM.
 
     ``handler`` is a :class:`StreamProtocol` subclass, an
     ``async def handle(stream)`` or a blocking ``def handle(conn)``.
+    ``access`` is an :class:`AccessPolicy` (allow/deny, per-source and rate
+    limits); None checks nothing.
+
+    Logs like ``sockworks serve``: a ``listening on`` line per listener and
+    a line per connection opened and closed, on stderr unless the
+    application configured logging itself (then through its handlers);
+    ``log=False`` adds no handler and logs no ``listening on`` line.
     """
-    config = ServiceConfig.create(handler, listen, name=name, limits=limits, options=options)
-    run_services([config], grace=grace, on_ready=on_ready)
+    config = ServiceConfig.create(
+        handler, listen, name=name, limits=limits, options=options, access=access
+    )
+
+    def ready(server: Server) -> None:
+        if log:
+            log_listening(server)
+        if on_ready is not None:
+            on_ready(server)
+
+    with default_logging(log):
+        run_services([config], grace=grace, on_ready=ready)
 
 
 def run_services(
