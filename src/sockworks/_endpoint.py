@@ -58,6 +58,7 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
     """
     if not isinstance(text, str) or not text:
         raise EndpointError("empty endpoint")
+    reject_url(text)
     transport: str = default_transport
     rest = text
     head, sep, tail = text.partition(":")
@@ -76,6 +77,22 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
         return Endpoint(transport, path=rest)  # type: ignore[arg-type]
     host, port = split_host_port(rest, zero_ok=True, subject=f"endpoint {text!r}")
     return Endpoint(transport, host=host, port=port)  # type: ignore[arg-type]
+
+
+def reject_url(text: str, subject: str = "endpoint") -> None:
+    """A URL-like endpoint (``tcp://127.0.0.1:7007``) would be looked up as
+    a host named ``//127.0.0.1``: refuse it, showing the right spelling."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return
+    rest = rest.rstrip("/") if scheme not in ("unix", "unixgram") else rest
+    if scheme in ("unix", "unixgram"):
+        right = f"{scheme}:{rest or 'PATH'}"
+    elif scheme in ("tcp", "udp"):
+        right = f"{scheme}:{rest or 'HOST:PORT'}"
+    else:
+        right = f"tcp:{rest if ':' in rest else (rest or 'HOST') + ':PORT'}"
+    raise EndpointError(f"{subject} {text!r} is written as a URL: write {right}")
 
 
 # The one host:port parser and port validator: endpoints, Gopher URLs and

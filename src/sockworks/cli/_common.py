@@ -11,11 +11,29 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not a usage dump."""
+    """argparse, but a usage error is one line, not a usage dump, and
+    starts like every other error: ``sockworks: error:``."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.stderr.write(f"sockworks: error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_USAGE)
+
+
+def examples(*lines: tuple[str, str]) -> str:
+    """An ``--help`` epilog: commands, each with what it does."""
+    width = max(len(command) for command, _ in lines)
+    body = "\n".join(f"  {command:<{width}}  # {what}" for command, what in lines)
+    return f"examples:\n{body}"
+
+
+def doc(name: str) -> str:
+    """Where a person finds the document ``docs/NAME``: the copy shipped
+    inside the package (sockworks/hole, the Gopher documentation hole), so
+    the path is true for any install; else the source tree's."""
+    from ..services.gopher import HOLE
+
+    shipped = HOLE / name
+    return str(shipped.resolve()) if shipped.is_file() else f"docs/{name} in the sockworks source"
 
 
 def positive_int(text: str) -> int:

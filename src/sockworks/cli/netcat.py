@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .._config import SocketOptions
-from .._endpoint import Endpoint, parse_endpoint
-from .._errors import UsageError
+from .._endpoint import Endpoint, parse_endpoint, reject_url
+from .._errors import SockworksError, UsageError
 from ..netcat import (
     Hooks,
     NetcatOptions,
@@ -26,7 +26,21 @@ from ..netcat import (
     scan,
     split_host_ports,
 )
-from ._common import EXIT_ERROR, EXIT_OK, fail, positive_int, seconds
+from ._common import EXIT_ERROR, EXIT_OK, examples, fail, positive_int, seconds
+
+CONNECT_EXAMPLES = examples(
+    ("echo hello | sockworks connect 127.0.0.1:7007", "send a line, print the answer"),
+    ("sockworks connect --tls example.org:443", "TLS, certificate verified"),
+    ("sockworks connect --zero 127.0.0.1:20-25,7000-7100", "list open TCP ports"),
+    ("sockworks connect --exec 'sha256sum' 127.0.0.1:9000",
+     "the server's bytes in, their hash back"),
+)
+LISTEN_EXAMPLES = examples(
+    ("sockworks listen tcp:127.0.0.1:0 > got.bin", "one peer's bytes into a file"),
+    ("sockworks listen -k udp:127.0.0.1:9000", "print every datagram"),
+    ("sockworks listen -k --sh-exec 'echo \"hello $REMOTE_ADDR\"; cat' tcp:127.0.0.1:9000",
+     "a program per client"),
+)
 
 
 def register(sub: Any) -> None:
@@ -37,14 +51,14 @@ def register(sub: Any) -> None:
         "closes. With --zero, ENDPOINT is HOST:PORTS and the open TCP ports are listed. "
         "With --exec/--sh-exec a program's stdin and stdout are the connection, and the "
         "exit status is the program's.",
-        epilog="example: sockworks connect --exec 'sha256sum' 127.0.0.1:9000 (the "
-        "server's bytes in, their hash back)",
+        epilog=CONNECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("endpoint", metavar="ENDPOINT",
                    help="tcp:HOST:PORT, udp:HOST:PORT, unix:PATH, unixgram:PATH (HOST:PORT "
                    "means TCP); with --zero: HOST:PORTS, e.g. 127.0.0.1:20-25,80")
     c.add_argument("-z", "--zero", action="store_true",
-                   help="scan: report open TCP ports without sending data")
+                   help="scan: report open TCP ports without sending data (TCP only: an "
+                   "empty UDP answer cannot tell an open port from a filtered one)")
     c.add_argument("--concurrency", type=positive_int, default=100, metavar="N",
                    help="--zero: probes in flight at once (default 100)")
     c.add_argument("--source", "-s", metavar="ADDR[:PORT]",
@@ -59,8 +73,7 @@ def register(sub: Any) -> None:
         "stderr as 'listening on ENDPOINT' (port 0 picks a free port). With --exec/"
         "--sh-exec each connection runs a program whose stdin and stdout are the "
         "connection (with -k a program per client).",
-        epilog="example: sockworks listen -k --sh-exec 'echo \"hello $REMOTE_ADDR\"; cat' "
-        "tcp:127.0.0.1:9000",
+        epilog=LISTEN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("endpoint", metavar="ENDPOINT", help="where to listen, as for serve")
     p.add_argument("-k", "--keep-open", action="store_true",
@@ -87,9 +100,11 @@ def _common_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
     flow.add_argument("--hex", action="store_true",
                       help="hex dump of both directions on stderr ('>' sent, '<' received)")
     flow.add_argument("--timeout", "-w", type=seconds, metavar="SECONDS",
-                      help="listen: give up when no peer comes within this long" if listening
-                      else "give up connecting (and the TLS handshake) after this long; "
-                      "--zero: per probe (default 1)")
+                      help="wait for a peer: give up when none comes within this long "
+                      "(for idle time see --idle-timeout)" if listening
+                      else "connect timeout: give up connecting (and the TLS handshake) after "
+                      "this long; --zero: per probe (default 1). Not idle time: see "
+                      "--idle-timeout (in serve, --timeout is the idle timeout)")
     flow.add_argument("--idle-timeout", "-i", type=seconds, metavar="SECONDS",
                       help="give up when nothing moves for this long")
     flow.add_argument("--wait", type=seconds, default=2.0, metavar="SECONDS",
@@ -254,6 +269,8 @@ def _run_relay(relay: Callable[..., None], args: argparse.Namespace, *, listenin
         relay(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
+    except SockworksError as exc:  # a BindError: it names the endpoint itself
+        return fail(str(exc), EXIT_ERROR)
     except OSError as exc:  # the safety net: one line, never a traceback
         return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
     return EXIT_OK
@@ -272,7 +289,15 @@ def _command(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def _run_zero(args: argparse.Namespace) -> int:
-    host, ports = split_host_ports(args.endpoint)
+    text: str = args.endpoint
+    reject_url(text)
+    transport = text.partition(":")[0]
+    if transport in ("udp", "unix", "unixgram"):
+        raise UsageError(
+            f"--zero scans TCP ports only, not {transport} (a UDP port that answers "
+            "nothing may be open or filtered): write HOST:PORTS, e.g. 127.0.0.1:20-25,80"
+        )
+    host, ports = split_host_ports(text)
     timeout = args.timeout or 1.0
     _std_fds_open()
     _stop_on_sigterm()
