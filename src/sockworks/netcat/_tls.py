@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import select
 import socket
 import ssl
@@ -10,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from .._errors import UsageError
+from .._tls import half_close_friendly, reason_text, tls_failure_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +37,8 @@ def client_context(options: TLSOptions) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=options.cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load --cafile {options.cafile}: {_reason(exc)}") from None
-    _half_close_friendly(context)
+        raise UsageError(f"cannot load --cafile {options.cafile}: {reason_text(exc)}") from None
+    half_close_friendly(context)
     if options.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -51,7 +51,7 @@ def server_context(options: TLSOptions) -> ssl.SSLContext:
     if not options.cert:
         raise UsageError("listen --tls needs --cert (and --key unless the cert file holds it)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    _half_close_friendly(context)
+    half_close_friendly(context)
     _load_chain(context, options)
     if options.require_client_cert:
         if not options.cafile:
@@ -60,15 +60,8 @@ def server_context(options: TLSOptions) -> ssl.SSLContext:
         try:
             context.load_verify_locations(cafile=options.cafile)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load --cafile {options.cafile}: {_reason(exc)}") from None
+            raise UsageError(f"cannot load --cafile {options.cafile}: {reason_text(exc)}") from None
     return context
-
-
-def _half_close_friendly(context: ssl.SSLContext) -> None:
-    # netcat's half-close is a TCP FIN (see docs/netcat.md): OpenSSL 3 would
-    # otherwise treat a FIN without close_notify as a fatal error and refuse
-    # to send the rest of our data after the peer finished sending its own.
-    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 
 def _load_chain(context: ssl.SSLContext, options: TLSOptions) -> None:
@@ -76,80 +69,7 @@ def _load_chain(context: ssl.SSLContext, options: TLSOptions) -> None:
     try:
         context.load_cert_chain(options.cert, options.key)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load certificate {options.cert}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).lower().replace("_", " ")
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
-
-
-# OpenSSL X509_V_ERR_* codes a person meets, in words.
-_VERIFY_CODES = {
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate (unknown CA)",
-    19: "certificate signed by an unknown CA (self-signed root not trusted)",
-    20: "certificate signed by an unknown CA",
-    21: "certificate signed by an unknown CA",
-    23: "certificate has been revoked",
-    26: "certificate is not for this purpose",
-}
-
-
-# OpenSSL's reason codes (``ssl.SSLError.reason``) a person meets in a
-# handshake, in words; the first fragment found in the reason wins. The
-# error's own text names OpenSSL source files ("(_ssl.c:1006)"): never shown.
-_REASONS = (
-    ("HTTPS_PROXY_REQUEST", "not TLS (an HTTP proxy request)"),
-    ("HTTP_REQUEST", "not TLS (plaintext HTTP?)"),
-    ("WRONG_VERSION_NUMBER", "not TLS (plaintext?)"),
-    ("UNKNOWN_PROTOCOL", "not TLS (plaintext?)"),
-    ("RECORD_LAYER_FAILURE", "not TLS (plaintext?)"),
-    ("PACKET_LENGTH_TOO_LONG", "not TLS (plaintext?)"),
-    ("UNSUPPORTED_PROTOCOL", "protocol version: no TLS version in common"),
-    ("PROTOCOL_VERSION", "protocol version: no TLS version in common"),
-    ("NO_PROTOCOLS_AVAILABLE", "protocol version: no TLS version in common"),
-    ("VERSION_TOO_LOW", "protocol version: no TLS version in common"),
-    ("UNKNOWN_CA", "the peer does not trust our certificate's CA (unknown CA)"),
-    ("CERTIFICATE_REQUIRED", "a client certificate is required"),
-    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "a client certificate is required"),
-    ("CERTIFICATE_EXPIRED", "the peer says our certificate has expired"),
-    ("BAD_CERTIFICATE", "the peer rejected the certificate"),
-    ("CERTIFICATE_UNKNOWN", "the peer rejected the certificate"),
-    ("NO_SHARED_CIPHER", "no cipher in common"),
-    ("HANDSHAKE_FAILURE", "the peer refused the handshake (no cipher or version in common?)"),
-    ("DECRYPTION_FAILED", "corrupt TLS data"),
-    ("BAD_RECORD_MAC", "corrupt TLS data"),
-    ("DECODE_ERROR", "malformed TLS message"),
-    ("LENGTH_MISMATCH", "malformed TLS message"),
-)
-
-
-def tls_failure_reason(exc: ssl.SSLError) -> str:
-    """A failed handshake's cause in plain words ("not TLS (plaintext?)",
-    "unknown CA", "protocol version…"), never an OpenSSL file name."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_CODES.get(exc.verify_code) or _plain(
-            str(exc.verify_message or exc.reason or "certificate verification failed"))
-    reason = str(exc.reason or "").upper()
-    for fragment, words in _REASONS:
-        if fragment in reason:
-            return words
-    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or "EOF" in reason:
-        return "the peer closed the connection mid-TLS"
-    if reason:
-        return reason.lower().replace("_", " ")
-    return _plain(exc.strerror or (str(exc.args[-1]) if exc.args else ""))
-
-
-def _plain(text: str) -> str:
-    # "[SSL: X] words (_ssl.c:1006)" -> "words"
-    text = re.sub(r"^\[[^]]*\]\s*", "", text)
-    return re.sub(r"\s*\([^()]*\.c:\d+\)", "", text).strip() or "TLS error"
+        raise UsageError(f"cannot load certificate {options.cert}: {reason_text(exc)}") from None
 
 
 def describe_tls_error(exc: ssl.SSLError, where: str, servername: str | None = None) -> str:
