@@ -14,7 +14,7 @@ graceful shutdown and logging::
 
 from ._access import AccessPolicy, default_per_source
 from ._buffer import LineBuffer
-from ._config import Limits, SocketOptions
+from ._config import Limits, ProxySettings, SocketOptions, TLSSettings
 from ._drivers import (
     BlockingConnection,
     DatagramConnection,
@@ -26,6 +26,7 @@ from ._drivers import (
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import (
     BindError,
+    CertificateError,
     ConfigError,
     ConnectionClosed,
     EndpointError,
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessPolicy",
     "BindError",
+    "CertificateError",
     "BlockingConnection",
     "ConfigError",
     "ConnectionClosed",
@@ -71,6 +73,7 @@ __all__ = [
     "LocalProtocolError",
     "Output",
     "Peer",
+    "ProxySettings",
     "ProtocolDriver",
     "RemoteProtocolError",
     "Reply",
@@ -80,6 +83,7 @@ __all__ = [
     "SockworksError",
     "Stream",
     "StreamProtocol",
+    "TLSSettings",
     "UnknownServiceError",
     "UsageError",
     "close",

@@ -84,3 +84,60 @@ class SocketOptions:
 
     def updated(self, **changes: Any) -> SocketOptions:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """TLS for a service's ``tls:`` and ``unix+tls:`` listeners.
+
+    ``cert`` holds the certificate chain (PEM; ``key`` the private key,
+    unless ``cert`` has it too). ``client_ca``: clients must present a
+    certificate that this CA signed. ``alpn``: protocols offered, in order
+    of preference. TLS 1.2 is the least accepted (``min_version``), what
+    current guidance (RFC 9325) asks for.
+    """
+
+    cert: str
+    key: str | None = None
+    client_ca: str | None = None
+    alpn: tuple[str, ...] = ()
+    # A handshake not done in this time is dropped, so that stalled
+    # handshakes never hold a slot for long: 10 s covers a slow mobile link.
+    handshake_timeout: float = 10.0
+    min_version: str = "TLSv1_2"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cert, str) or not self.cert:
+            raise ConfigError("TLS needs a certificate file (cert)")
+        if not isinstance(self.handshake_timeout, (int, float)) or self.handshake_timeout <= 0:
+            raise ConfigError(
+                f"handshake_timeout must be a positive number, not {self.handshake_timeout!r}"
+            )
+        if self.min_version not in ("TLSv1_2", "TLSv1_3"):
+            raise ConfigError(f"min_version must be TLSv1_2 or TLSv1_3, not {self.min_version!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The PROXY protocol on a service's stream listeners (HAProxy's
+    ``doc/proxy-protocol.txt``): a peer inside ``trusted`` must start with a
+    header (``accept``: ``v1``, ``v2`` or ``any``), and its address is the
+    client's from then on; a peer outside is refused. Never guessed: a
+    header from anyone would let anyone claim any address.
+    """
+
+    trusted: tuple[str, ...]
+    accept: str = "any"
+    # The whole header within this: a balancer sends it at once.
+    timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.accept not in ("v1", "v2", "any"):
+            raise ConfigError(f"proxy_protocol must be v1, v2 or any, not {self.accept!r}")
+        if not self.trusted:
+            raise ConfigError(
+                "the PROXY protocol needs the balancers' addresses (proxy_from): "
+                "a header from anyone would let anyone claim any address"
+            )
+        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
+            raise ConfigError(f"proxy timeout must be a positive number, not {self.timeout!r}")

@@ -290,6 +290,9 @@ class ConnectionGroup:
         self.live: set[Connection] = set()
         self.max_connections = driver.max_connections(self.limits)
         self.shutting_down = False
+        # Accepted, not started yet: reading a PROXY header or in a TLS
+        # handshake. They count against max_connections like live ones.
+        self.starting = 0
         self.listeners: list[Pausable] = []
         # Options the accepted socket does not inherit from the listener, or
         # that the loop resets (uvloop turns TCP_NODELAY on): set per accept.
@@ -423,7 +426,14 @@ class ConnectionGroup:
 
     @property
     def full(self) -> bool:
-        return len(self.live) >= self.max_connections
+        return len(self.live) + self.starting >= self.max_connections
+
+    def starting_ended(self) -> None:
+        """A connection that was starting failed to (a bad header, a failed
+        handshake): its slot is free again."""
+        if not self.full and not self.shutting_down and not self._held:
+            for listener in self.listeners:
+                listener.resume()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

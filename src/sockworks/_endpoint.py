@@ -1,5 +1,9 @@
 """Endpoint strings: ``tcp:HOST:PORT``, ``udp:HOST:PORT``, ``unix:PATH``…
 
+``tls:HOST:PORT`` is TCP with TLS on top, and ``unix+tls:PATH`` a Unix
+stream socket with TLS on top: the transport stays ``tcp`` or ``unix`` and
+:attr:`Endpoint.tls` says that TLS runs over it.
+
 The same strings are accepted by the CLI and the Python API, and an
 :class:`Endpoint` prints back as the string that would parse to it, so the
 ``listening on ENDPOINT`` line can be pasted into another command.
@@ -16,6 +20,8 @@ from ._errors import EndpointError
 Transport = Literal["tcp", "udp", "unix", "unixgram"]
 TRANSPORTS: tuple[Transport, ...] = ("tcp", "udp", "unix", "unixgram")
 STREAM_TRANSPORTS = frozenset({"tcp", "unix"})
+# Endpoint prefixes that mean TLS over a stream transport.
+_TLS_FORMS: dict[str, Transport] = {"tls": "tcp", "unix+tls": "unix"}
 INET_TRANSPORTS = frozenset({"tcp", "udp"})
 
 
@@ -32,6 +38,7 @@ class Endpoint:
     host: str = ""
     port: int = 0
     path: str = ""
+    tls: bool = False  # TLS over this stream transport (tls:, unix+tls:)
 
     @property
     def is_stream(self) -> bool:
@@ -43,12 +50,12 @@ class Endpoint:
 
     def __str__(self) -> str:
         if not self.is_inet:
-            return f"{self.transport}:{self.path}"
+            return f"{self.transport}{'+tls' if self.tls else ''}:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}:{host}:{self.port}"
+        return f"{'tls' if self.tls else self.transport}:{host}:{self.port}"
 
     def with_port(self, port: int) -> Endpoint:
-        return Endpoint(self.transport, self.host, port, self.path)
+        return Endpoint(self.transport, self.host, port, self.path, self.tls)
 
 
 def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
@@ -61,22 +68,26 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
     reject_url(text)
     transport: str = default_transport
     rest = text
+    tls = False
     head, sep, tail = text.partition(":")
-    if sep and head in TRANSPORTS:
+    if sep and head in _TLS_FORMS:
+        transport, rest, tls = _TLS_FORMS[head], tail, True
+    elif sep and head in TRANSPORTS:
         transport, rest = head, tail
     elif sep and head.isalpha() and ":" in tail:
         # "sctp:host:1" looks like a transport we do not know, not HOST:PORT.
         raise EndpointError(
-            f"unknown transport {head!r} in endpoint {text!r} (use tcp, udp, unix or unixgram)"
+            f"unknown transport {head!r} in endpoint {text!r}"
+            " (use tcp, udp, unix, unixgram, tls or unix+tls)"
         )
     if transport in ("unix", "unixgram"):
         if not rest:
             raise EndpointError(f"endpoint {text!r} has no socket path")
         if "\0" in rest:
             raise EndpointError(f"endpoint {text!r}: a socket path cannot contain NUL")
-        return Endpoint(transport, path=rest)  # type: ignore[arg-type]
+        return Endpoint(transport, path=rest, tls=tls)  # type: ignore[arg-type]
     host, port = split_host_port(rest, zero_ok=True, subject=f"endpoint {text!r}")
-    return Endpoint(transport, host=host, port=port)  # type: ignore[arg-type]
+    return Endpoint(transport, host=host, port=port, tls=tls)  # type: ignore[arg-type]
 
 
 def reject_url(text: str, subject: str = "endpoint") -> None:

@@ -64,3 +64,8 @@ class LocalProtocolError(SockworksError):
 class IdleTimeout(ConnectionClosed, TimeoutError):
     """The peer was idle for the idle timeout: raised by a read or write
     that was waiting on it, in every handler style."""
+
+
+class CertificateError(SockworksError):
+    """A certificate or key that cannot be loaded (unreadable, not PEM, the
+    key not matching the certificate): found at start, before binding."""

@@ -16,7 +16,7 @@ Each callback returns an :data:`Output`:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._config import Limits
 
@@ -74,6 +74,12 @@ class Peer:
     host: str = ""
     port: int = 0
     path: str = ""
+    # Behind a balancer: the PROXY header the client's address came from
+    # (a sockworks.proxy.ProxyInfo, with its TLVs), else None.
+    proxy: object = field(default=None, compare=False, repr=False)
+    # Over TLS with client certificates: the verified subject
+    # ("commonName=alice,organizationName=Example"), else None.
+    tls_subject: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_address(cls, address: object) -> Peer:

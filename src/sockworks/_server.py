@@ -10,21 +10,28 @@ every connection to finish, and aborts what is left after the grace period.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
 import resource
+import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._access import AccessControl, AccessPolicy
-from ._config import Limits, SocketOptions
+from ._config import Limits, ProxySettings, SocketOptions, TLSSettings
 from ._core import ConnectionGroup, Driver, Stoppable
+from ._drivers.stream import StreamCore
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import ConfigError
+from ._protocol import Peer
+from ._proxy_io import ProxyHeaderError, proxied_peer, read_proxy_header
 from ._sockets import BoundSocket, apply_options, bind, format_peer
+from ._tls import peer_subject, server_context, tls_failure_reason
 
 log = logging.getLogger("sockworks.server")
 
@@ -53,6 +60,10 @@ class ServiceConfig:
     # limits, the UDP amplification guard). None: no checks at all, the
     # API's default; the CLI and config files always set one.
     access: AccessPolicy | None = None
+    # TLS for the service's tls: and unix+tls: listeners.
+    tls: TLSSettings | None = None
+    # The PROXY protocol on the service's stream listeners.
+    proxy: ProxySettings | None = None
 
     @classmethod
     def create(
@@ -64,6 +75,8 @@ class ServiceConfig:
         limits: Limits | None = None,
         options: SocketOptions | None = None,
         access: AccessPolicy | None = None,
+        tls: TLSSettings | None = None,
+        proxy: ProxySettings | None = None,
     ) -> ServiceConfig:
         endpoints = tuple(e if isinstance(e, Endpoint) else parse_endpoint(e) for e in listen)
         if not endpoints:
@@ -75,6 +88,8 @@ class ServiceConfig:
             limits=limits or Limits(),
             options=options or SocketOptions(),
             access=access,
+            tls=tls,
+            proxy=proxy,
         )
 
 
@@ -132,13 +147,16 @@ class _SocketListener:
                 group.log.debug("cannot set options on accepted socket: %s", exc)
                 conn.close()
                 continue
-            peer = format_peer(addr)
-            # Checked after accept, before anything is started: a refused
-            # peer costs one close and one log line.
-            if not group.admit(peer):
-                conn.close()
-                continue
-            group.driver.start_socket(conn, peer, group)
+            self._accepted(conn, format_peer(addr))
+
+    def _accepted(self, conn: socket.socket, peer: Peer) -> None:
+        group = self.group
+        # Checked after accept, before anything is started: a refused peer
+        # costs one close and one log line.
+        if not group.admit(peer):
+            conn.close()
+            return
+        group.driver.start_socket(conn, peer, group)
 
     def close(self) -> None:
         # Closed at once, not at the end of the grace period: new peers are
@@ -147,6 +165,146 @@ class _SocketListener:
         if self._retry is not None:
             self._retry.cancel()
         self.sock.close()
+
+
+class _SecureListener(_SocketListener):
+    """A listener with layers before the protocol: the PROXY header, then
+    TLS (the order DESIGN.md gives; the header is never read inside TLS).
+
+    It accepts in Python like the blocking style's listener, then per
+    connection: reads the PROXY header exactly (never a byte past it, so
+    that TLS gets every byte of its own), admits the client by its real
+    address, runs the TLS handshake with a deadline, and only then starts
+    the style's connection. One task per connection on this path: a
+    handshake costs far more. Connections in these stages count against
+    ``max_connections``, so stalled ones cannot take every descriptor, and
+    each is dropped at its deadline.
+    """
+
+    def __init__(
+        self,
+        bound: BoundSocket,
+        group: ConnectionGroup,
+        factory: Callable[[], asyncio.Protocol] | None,
+        *,
+        tls: TLSSettings | None,
+        context: ssl.SSLContext | None,
+        proxy: ProxySettings | None,
+    ) -> None:
+        super().__init__(bound, group)
+        self.factory = factory
+        self.tls = tls
+        self.context = context
+        self.proxy = proxy
+        self.trusted = (
+            AccessPolicy(allow=proxy.trusted) if proxy is not None else None
+        )
+        self.starting = 0
+
+    def _accepted(self, conn: socket.socket, peer: Peer) -> None:
+        self.starting += 1
+        self.group.starting += 1
+        task = self.group.loop.create_task(self._start(conn, peer))
+        task.add_done_callback(_report_start_failure)
+
+    async def _start(self, sock: socket.socket, peer: Peer) -> None:
+        group = self.group
+        log = group.log
+        admitted = started = False
+        try:
+            if self.proxy is not None:
+                assert self.trusted is not None
+                if self.trusted.decide(peer.host) is not None:
+                    group.refused(peer, "not a trusted proxy (--proxy-from); no header accepted")
+                    return
+                info = await asyncio.wait_for(
+                    read_proxy_header(group.loop, sock, self.proxy.accept), self.proxy.timeout
+                )
+                peer = proxied_peer(peer, info)
+            if not group.admit(peer):
+                return
+            admitted = True
+            if self.factory is None:
+                if self.context is not None:
+                    tls_sock = await self._blocking_handshake(sock)
+                    sock = tls_sock
+                    subject = peer_subject(tls_sock.getpeercert())
+                    if subject is not None:
+                        peer = dataclasses.replace(peer, tls_subject=subject)
+                group.driver.start_socket(sock, peer, group)
+                started = True
+                return
+            conn = self.factory()
+            if isinstance(conn, StreamCore):
+                conn.preset(peer)  # admitted already, by its real address
+            attach = group.loop.connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=self.context,
+                # Our own deadline below says it plainly; the loop's is a backstop.
+                ssl_handshake_timeout=2 * self.tls.handshake_timeout if self.tls else None,
+            )
+            if self.tls is not None:
+                await asyncio.wait_for(attach, self.tls.handshake_timeout)
+            else:
+                await attach
+            started = True
+        except TimeoutError:
+            what = "PROXY header" if self.proxy is not None and not admitted else "TLS handshake"
+            log.info("%s %s timed out", peer, what)
+        except ProxyHeaderError as exc:
+            log.info("%s bad PROXY header: %s", peer, exc.reason)
+        except ssl.SSLError as exc:
+            log.info("%s TLS handshake failed: %s", peer, tls_failure_reason(exc))
+        except (ConnectionError, OSError) as exc:
+            log.info("%s left before the connection started: %s", peer, exc.strerror or exc)
+        finally:
+            self.starting -= 1
+            group.starting -= 1
+            if not started:
+                sock.close()
+                if admitted and group.access is not None:
+                    group.access.release_connection(peer.host)
+                group.starting_ended()
+
+    async def _blocking_handshake(self, sock: socket.socket) -> ssl.SSLSocket:
+        """The blocking style gets an ``SSLSocket``; the handshake runs here,
+        on the loop, without blocking it."""
+        assert self.context is not None and self.tls is not None
+        tls_sock = self.context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        )
+        loop = self.group.loop
+        deadline = loop.time() + self.tls.handshake_timeout
+        while True:
+            try:
+                tls_sock.do_handshake()
+                return tls_sock
+            except ssl.SSLWantReadError:
+                await _wait_fd(loop, tls_sock.fileno(), False, deadline)
+            except ssl.SSLWantWriteError:
+                await _wait_fd(loop, tls_sock.fileno(), True, deadline)
+
+
+async def _wait_fd(
+    loop: asyncio.AbstractEventLoop, fd: int, write: bool, deadline: float
+) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+def _report_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a connection failed to start", exc_info=task.exception())
 
 
 class _TransportListener:
@@ -312,6 +470,7 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self._bound: list[BoundSocket] = []
         self._plan: list[tuple[ServiceConfig, Driver, list[BoundSocket]]] = []
+        self._contexts: dict[str, ssl.SSLContext] = {}
 
     def bind(self) -> None:
         """Bind every listener, or none: on any error, close what was bound."""
@@ -336,6 +495,16 @@ class Server:
                             f"{endpoint} is given twice (services {seen[key]} and {config.name})"
                         )
                     seen[key] = config.name
+                    if endpoint.tls and config.tls is None:
+                        raise ConfigError(
+                            f"{config.name}: {endpoint} needs a certificate (--cert, --key)"
+                        )
+                    if endpoint.tls and not endpoint.is_stream:
+                        raise ConfigError(f"{config.name}: TLS runs over stream endpoints only")
+                if config.tls is not None and config.name not in self._contexts:
+                    # Before binding: a certificate that cannot be used is
+                    # an error at start, never per connection.
+                    self._contexts[config.name] = server_context(config.tls)
                 plan.append((config, driver, []))
             for config, _driver, bound in plan:
                 for endpoint in config.listen:
@@ -385,11 +554,20 @@ class Server:
             factory = driver.connection_factory(group)
             for bound in bound_sockets:
                 if bound.endpoint.is_stream:
-                    listener: _SocketListener | _TransportListener = (
-                        _SocketListener(bound, group)
-                        if factory is None
-                        else _TransportListener(bound, group, factory)
-                    )
+                    listener: _SocketListener | _TransportListener
+                    if bound.endpoint.tls or config.proxy is not None:
+                        listener = _SecureListener(
+                            bound,
+                            group,
+                            factory,
+                            tls=config.tls if bound.endpoint.tls else None,
+                            context=self._contexts.get(config.name) if bound.endpoint.tls else None,
+                            proxy=config.proxy,
+                        )
+                    elif factory is None:
+                        listener = _SocketListener(bound, group)
+                    else:
+                        listener = _TransportListener(bound, group, factory)
                     group.listeners.append(listener)
                     self._listeners.append(listener)
                 else:

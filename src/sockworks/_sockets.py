@@ -192,7 +192,7 @@ def _real_endpoint(sock: socket.socket, endpoint: Endpoint) -> Endpoint:
         return endpoint
     name = sock.getsockname()
     host = endpoint.host if endpoint.host not in ("", "*") else str(name[0])
-    return Endpoint(endpoint.transport, host=host, port=int(name[1]))
+    return Endpoint(endpoint.transport, host=host, port=int(name[1]), tls=endpoint.tls)
 
 
 def format_peer(address: object) -> Peer:

@@ -20,6 +20,7 @@ task and no coroutine per connection), or by
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import logging
 import struct
@@ -42,6 +43,7 @@ from .._core import (
 )
 from .._protocol import Peer
 from .._sockets import apply_options
+from .._tls import peer_subject
 
 if TYPE_CHECKING:
     from .._core import ConnectionGroup
@@ -63,6 +65,7 @@ class StreamCore(asyncio.Protocol):
         "_linger_seen",
         "_linger_started",
         "_lingering",
+        "_preset",
         "_shutdown_at",
         "_wait_epoch",
         "_waits",
@@ -107,6 +110,7 @@ class StreamCore(asyncio.Protocol):
         self._linger_seen = 0
         self._linger_started = 0.0
         self._shutdown_at: int | None = None
+        self._preset: Peer | None = None
         self.started = False
         self.idle_seen: object = None
         self.idle_since = 0.0
@@ -117,7 +121,17 @@ class StreamCore(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio's: no isinstance check.
         self.transport = t = cast(asyncio.Transport, transport)
         group = self.group
-        peer = Peer.from_address(t.get_extra_info("peername"))
+        preset = self._preset
+        if preset is not None:
+            # Admitted already by a listener with layers (PROXY, TLS): the
+            # client's real address, and who its certificate says it is.
+            peer = preset
+            if t.get_extra_info("sslcontext") is not None:
+                subject = peer_subject(t.get_extra_info("peercert"))
+                if subject is not None:
+                    peer = dataclasses.replace(peer, tls_subject=subject)
+        else:
+            peer = Peer.from_address(t.get_extra_info("peername"))
         self.stats = ConnectionStats(peer)
         if group.options_on_accept:
             sock = t.get_extra_info("socket")
@@ -126,7 +140,7 @@ class StreamCore(asyncio.Protocol):
                     apply_options(sock, group.options, stream=True, inet=bool(peer.host))
                 except OSError as exc:  # the peer already reset
                     log.debug("cannot set options on accepted socket: %s", exc)
-        if not group.admit(peer):
+        if preset is None and not group.admit(peer):
             self.state = _CLOSED
             t.close()
             return
@@ -139,6 +153,11 @@ class StreamCore(asyncio.Protocol):
             group.hold(self)
             return
         self.start()
+
+    def preset(self, peer: Peer) -> None:
+        """Set by a listener with layers before the protocol: ``peer`` is
+        the client (from its PROXY header) and has been admitted."""
+        self._preset = peer
 
     def start(self) -> None:
         """Begin serving: counted, logged, then the style's own start."""
