@@ -192,3 +192,38 @@ def test_out_of_descriptors_the_server_keeps_serving(tmp_path: Path) -> None:
     # It stops accepting below the limit, so the excess waits in the backlog
     # instead of being closed by the loop's out-of-descriptors handling.
     assert "max connections lowered from 1024" in err, err
+
+
+def test_shutdown_serves_what_waits_in_the_backlog() -> None:
+    """A rolling restart behind a balancer: connections queued in the
+    backlog when SIGTERM comes are served, not reset (closing a listening
+    socket resets them, and the balancer cannot retry: the request went)."""
+    import sockworks
+    from sockworks.testing import running
+
+    class Answer(sockworks.StreamProtocol):
+        def on_connect(self, peer: sockworks.Peer, local: sockworks.Peer | None = None) -> bytes:
+            return b"hi\n"
+
+        def on_data(self, data: bytes) -> sockworks.Output:
+            return sockworks.close(b"got " + data)
+
+    with running(Answer, limits=sockworks.Limits(max_connections=1), grace=5) as srv:
+        ep = srv.endpoint()
+        holder = connect(ep, timeout=10)
+        assert holder.recv(3) == b"hi\n"  # the one slot is taken
+        queued = [connect(ep, timeout=10) for _ in range(3)]  # wait in the backlog
+        for i, sock in enumerate(queued):
+            sock.sendall(b"request %d\n" % i)
+        srv.stop()
+        for i, sock in enumerate(queued):
+            data = b""
+            try:
+                while chunk := sock.recv(100):
+                    data += chunk
+            except ConnectionResetError:
+                raise AssertionError(f"queued client {i} was reset") from None
+            assert data == b"hi\ngot request %d\n" % i
+            sock.close()
+        holder.close()
+    assert srv.finished_in_grace

@@ -93,6 +93,35 @@ class ServiceConfig:
         )
 
 
+def _accept_queued(
+    sock: socket.socket, group: ConnectionGroup
+) -> list[tuple[socket.socket, Peer]]:
+    """Everything waiting in ``sock``'s backlog now, whatever the limits."""
+    queued: list[tuple[socket.socket, Peer]] = []
+    inet = sock.family != socket.AF_UNIX
+    while True:
+        try:
+            conn, addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return queued
+        except OSError as exc:
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            group.log.warning("accepting the queued connections failed: %s", exc)
+            return queued
+        conn.setblocking(False)
+        try:
+            apply_options(conn, group.options, stream=True, inet=inet)
+        except OSError:
+            conn.close()
+            continue
+        queued.append((conn, format_peer(addr)))
+
+
+def _returning(protocol: asyncio.Protocol) -> Callable[[], asyncio.Protocol]:
+    return lambda: protocol
+
+
 class _SocketListener:
     """A listening stream socket whose accepts we drive ourselves: for
     drivers that take the socket itself (the blocking style)."""
@@ -149,6 +178,14 @@ class _SocketListener:
                 continue
             self._accepted(conn, format_peer(addr))
 
+    async def drain(self) -> None:
+        """Stopping: serve what is already in the backlog, then close.
+        Closing a listening socket resets the connections still queued on
+        it, and a balancer in front cannot retry those (its request went)."""
+        self.pause()
+        for conn, peer in _accept_queued(self.sock, self.group):
+            self._accepted(conn, peer)
+
     def _accepted(self, conn: socket.socket, peer: Peer) -> None:
         group = self.group
         # Checked after accept, before anything is started: a refused peer
@@ -200,12 +237,20 @@ class _SecureListener(_SocketListener):
             AccessPolicy(allow=proxy.trusted) if proxy is not None else None
         )
         self.starting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _accepted(self, conn: socket.socket, peer: Peer) -> None:
         self.starting += 1
         self.group.starting += 1
         task = self.group.loop.create_task(self._start(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_report_start_failure)
+
+    async def drain(self) -> None:
+        await super().drain()
+        if self._tasks:  # each is bounded by its header and handshake deadlines
+            await asyncio.wait(list(self._tasks))
 
     async def _start(self, sock: socket.socket, peer: Peer) -> None:
         group = self.group
@@ -366,6 +411,20 @@ class _TransportListener:
             server.close()
         else:
             self._server = server
+
+    async def drain(self) -> None:
+        """Stopping: serve what is already in the backlog, then close (see
+        _SocketListener.drain). The loop's accept path is stopped; the
+        queued connections are accepted here and attached like any other."""
+        self.pause()
+        loop = self.group.loop
+        attach = []
+        for conn, _peer in _accept_queued(self.sock, self.group):
+            attach.append(loop.connect_accepted_socket(_returning(self.factory()), conn))
+        if attach:
+            for outcome in await asyncio.gather(*attach, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    self.group.log.debug("a queued connection failed to start: %s", outcome)
 
     def _retry_open(self) -> None:
         self._retry = None
@@ -590,11 +649,17 @@ class Server:
         """Stop accepting, let connections finish for ``grace`` seconds,
         then abort the rest. Returns True when everything finished in time."""
         grace = self.grace if grace is None else grace
-        for listener in self._listeners:
-            listener.close()
         for group in self.groups:
             group.shutting_down = True
             group.start_held_for_shutdown()
+        # What already waits in a backlog is served (told of the shutdown
+        # once it has started, like every other connection), then the
+        # listeners close: new peers are refused, not queued.
+        drains = [asyncio.ensure_future(listener.drain()) for listener in self._listeners]
+        if drains:
+            await asyncio.wait(drains, timeout=grace)
+        for listener in self._listeners:
+            listener.close()
         for _group, conn in self._datagram_conns:
             conn.begin_shutdown()
         for group in self.groups:

@@ -155,10 +155,6 @@ class Stream(StreamCore):
     def on_start(self) -> None:
         self._task = self.group.loop.create_task(self._run())
 
-    def on_start_during_shutdown(self) -> None:
-        self._eof = True
-        self.on_start()
-
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is not _OPEN and state is not State.LOCAL_DONE:

@@ -144,9 +144,6 @@ class ProtocolConnection(StreamCore):
             local = self.stats.local = Peer.from_address(t.get_extra_info("sockname"))
             self._run(self.proto.on_connect, self.stats.peer, local)
 
-    def on_start_during_shutdown(self) -> None:
-        self._run(self.proto.on_shutdown)
-
     def finished(self) -> None:
         self.group.unwatch_requests(self)
         if self.started:

@@ -145,7 +145,7 @@ class StreamCore(asyncio.Protocol):
             t.close()
             return
         t.set_write_buffer_limits(high=group.limits.max_output_buffer)
-        if group.full:
+        if group.full and not group.shutting_down:
             # Accepted in the same batch as the connection that filled the
             # service (the loop accepts a burst at once): held, unread, and
             # started in turn when a slot frees, as the backlog would.
@@ -387,8 +387,12 @@ class StreamCore(asyncio.Protocol):
         """The connection is admitted and counted."""
 
     def on_start_during_shutdown(self) -> None:
-        """Started while the server is stopping: default, close at once."""
-        self.close_soon("server shutting down")
+        """Started while the server is stopping (it was waiting in the
+        backlog): served like any other, then told of the shutdown at once,
+        so what it had already sent is answered first."""
+        self.on_start()
+        if self.state is _OPEN:
+            self.begin_shutdown()
 
     def on_peer_eof(self) -> None:
         """The peer will send no more; we may still send."""
