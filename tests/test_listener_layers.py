@@ -243,3 +243,49 @@ def test_a_header_that_never_comes_times_out(caplog: pytest.LogCaptureFixture) -
             sock.sendall(b"PROXY TCP4 ")  # and nothing more
             assert _read_all(sock) == b""
     assert "PROXY header timed out" in caplog.text
+
+
+def test_certificates_are_read_again_on_reload_and_a_broken_one_keeps_the_old(
+    ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    chain = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1", common_name="first").private_key_and_cert_chain_pem.write_to_path(
+        str(chain)
+    )
+
+    def served_name(ep: sockworks.Endpoint) -> str:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        raw = socket.create_connection((ep.host, ep.port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            subject = dict(x[0] for x in sock.getpeercert()["subject"])
+            _read_all(sock)
+        return str(subject["commonName"])
+
+    def reload(srv: ServerThread) -> int:
+        done = threading.Event()
+        result: list[int] = []
+
+        def run() -> None:
+            result.append(srv.server.reload_certificates())
+            done.set()
+
+        srv.call(run)
+        assert done.wait(10)
+        return result[0]
+
+    with caplog.at_level("INFO"), _serve(
+        Who, "tls:127.0.0.1:0", tls=TLSSettings(cert=str(chain))
+    ) as srv:
+        ep = srv.endpoint()
+        assert served_name(ep) == "first"
+        second = ca.issue_cert("127.0.0.1", common_name="second")
+        second.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        assert reload(srv) == 1
+        assert served_name(ep) == "second"
+        chain.write_text("broken\n")
+        assert reload(srv) == 0
+        assert served_name(ep) == "second"
+    assert "keeping the certificate in use" in caplog.text

@@ -52,13 +52,20 @@ async def serve_until_signalled(
                 for conn in list(group.live):
                     conn.abort()
 
+    def on_hangup() -> None:
+        # SIGHUP: certificates and keys are read again (renewed by certbot
+        # or the like) without a restart; a broken one keeps the old.
+        log.info("SIGHUP received: reloading certificates")
+        server.reload_certificates()
+
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.wait_stopped()
         return await server.shutdown()
     finally:
-        for sig in signals:
+        for sig in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 

@@ -27,7 +27,7 @@ from ._config import Limits, ProxySettings, SocketOptions, TLSSettings
 from ._core import ConnectionGroup, Driver, Stoppable
 from ._drivers.stream import StreamCore
 from ._endpoint import Endpoint, parse_endpoint
-from ._errors import ConfigError
+from ._errors import CertificateError, ConfigError
 from ._protocol import Peer
 from ._proxy_io import ProxyHeaderError, proxied_peer, read_proxy_header
 from ._sockets import BoundSocket, apply_options, bind, format_peer
@@ -635,6 +635,29 @@ class Server:
         _fit_descriptor_limit([g for g in self.groups if g.listeners])
         for listener in self._listeners:
             listener.resume()
+
+    def reload_certificates(self) -> int:
+        """Read every service's certificate and key again (SIGHUP): new
+        handshakes use them, connections already up keep theirs. A file
+        that cannot be used keeps the old context, with one log line.
+        Returns how many services now use new files."""
+        renewed = 0
+        for config in self.services:
+            if config.tls is None or config.name not in self._contexts:
+                continue
+            try:
+                context = server_context(config.tls)
+            except CertificateError as exc:
+                log.error("%s: %s; keeping the certificate in use", config.name, exc)
+                continue
+            self._contexts[config.name] = context
+            for listener in self._listeners:
+                if isinstance(listener, _SecureListener) and listener.group.name == config.name:
+                    if listener.context is not None:
+                        listener.context = context
+            renewed += 1
+            log.info("%s: certificate %s loaded again", config.name, config.tls.cert)
+        return renewed
 
     def stop(self) -> None:
         """Ask the server to shut down (thread-safe from the loop only)."""
