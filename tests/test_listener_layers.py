@@ -289,3 +289,66 @@ def test_certificates_are_read_again_on_reload_and_a_broken_one_keeps_the_old(
         assert reload(srv) == 0
         assert served_name(ep) == "second"
     assert "keeping the certificate in use" in caplog.text
+
+
+# -- the command line, with real peers -----------------------------------------
+
+
+def test_cli_gopher_over_tls_with_curl(cli: Any, ca: trustme.CA, tmp_path: Path) -> None:
+    from conftest import require_peer
+
+    curl = require_peer("curl")
+    chain, ca_file = tmp_path / "server.pem", tmp_path / "ca.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(ca_file))
+    (tmp_path / "hole").mkdir()
+    (tmp_path / "hole" / "f.txt").write_text("over TLS\n")
+    proc = cli(["serve", "gopher", "--root", str(tmp_path / "hole"),
+                "-l", "tls:127.0.0.1:0", "--cert", str(chain)])
+    (ep,) = proc.wait_listening(1)
+    assert str(ep).startswith("tls:")
+    import subprocess
+
+    url = f"gophers://127.0.0.1:{ep.port}"
+    menu = subprocess.run([curl, "-s", "--cacert", str(ca_file), url + "/"],
+                          capture_output=True, timeout=30)
+    assert b"f.txt" in menu.stdout, menu
+    text = subprocess.run([curl, "-s", "--cacert", str(ca_file), url + "/0/f.txt"],
+                          capture_output=True, timeout=30)
+    assert text.stdout.startswith(b"over TLS"), text
+    assert proc.stop() == 0
+    assert "returning true from eof_received" not in proc.log
+
+
+def test_cli_proxy_listener_with_curl_haproxy_protocol(cli: Any) -> None:
+    from conftest import require_peer
+
+    curl = require_peer("curl")
+    proc = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--proxy-protocol", "v1",
+                "--proxy-from", "127.0.0.1"])
+    (ep,) = proc.wait_listening(1)
+    import subprocess
+
+    # curl sends a v1 header naming its own address, then an HTTP request
+    # that echo sends back (curl then reports a bad answer: it is not HTTP).
+    subprocess.run([curl, "-s", "--max-time", "5", "--haproxy-protocol",
+                    f"http://127.0.0.1:{ep.port}/x"], capture_output=True, timeout=30)
+    assert proc.stop() == 0
+    assert "127.0.0.1:" in proc.log and "GET" not in proc.log
+    assert "refused" not in proc.log and "PROXY header" not in proc.log, proc.log
+
+
+def test_cli_tls_options_are_checked(cli: Any, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    res = run_cli("serve", "echo", "-l", "tls:127.0.0.1:0")
+    assert res.returncode == 2 and "needs a certificate" in res.stderr.decode()
+    res = run_cli("serve", "echo", "-l", "tcp:127.0.0.1:0", "--cert", "x.pem")
+    assert res.returncode == 2 and "no TLS listener" in res.stderr.decode()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("nope\n")
+    res = run_cli("serve", "echo", "-l", "tls:127.0.0.1:0", "--cert", str(bad))
+    assert res.returncode == 1 and "cannot load certificate" in res.stderr.decode()
+    assert res.stderr.decode().count("\n") == 1 and "Traceback" not in res.stderr.decode()
+    res = run_cli("serve", "echo", "-l", "tcp:127.0.0.1:0", "--proxy-protocol", "v2")
+    assert res.returncode == 2 and "proxy_from" in res.stderr.decode()

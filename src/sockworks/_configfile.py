@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ._access import AccessPolicy, default_per_source, parse_network
-from ._config import SocketOptions
+from ._config import ProxySettings, SocketOptions, TLSSettings
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import ConfigError, SockworksError
 from ._server import ServiceConfig
@@ -147,6 +147,26 @@ def _command(v: Any) -> Any:
     return tuple(v)
 
 
+def _choice(*choices: str) -> Check:
+    def check(v: Any) -> Any:
+        if v not in choices:
+            raise _Bad(f"expected one of {', '.join(choices)}, got {_show(v)}")
+        return v
+
+    return check
+
+
+def _names(v: Any) -> Any:
+    """A list of names, or one string of comma-separated names (ALPN)."""
+    if isinstance(v, str):
+        v = [part.strip() for part in v.split(",") if part.strip()]
+    if not isinstance(v, (list, tuple)) or not v or not all(
+        isinstance(x, str) and x and len(x.encode()) < 256 for x in v
+    ):
+        raise _Bad(f'expected protocol names such as ["h2", "http/1.1"], got {_show(v)}')
+    return tuple(v)
+
+
 def _environment(v: Any) -> Any:
     if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
         raise _Bad(f'expected a table of strings such as {{ LANG = "C.UTF-8" }}, got {_show(v)}')
@@ -201,6 +221,16 @@ SERVICE_KEYS: dict[str, Check] = {
     "env": _environment,
     "pass_env": _list_of(_text, "environment variable names"),
     "workdir": _text,
+    # TLS on the service's tls: and unix+tls: listeners
+    "cert": _text,  # the certificate chain, PEM
+    "key": _text,  # its private key, unless the cert file has it
+    "client_ca": _text,  # clients must present a certificate it signed
+    "alpn": _names,
+    "handshake_timeout": _number("seconds (a positive number)"),
+    # the PROXY protocol (behind HAProxy, nginx, a cloud balancer)
+    "proxy_protocol": _choice("v1", "v2", "any"),
+    "proxy_from": _list_of(_network, "addresses or CIDR networks"),
+    "proxy_timeout": _number("seconds (a positive number)"),
     # MODULE:NAME services: the directory the module is imported from
     # (relative to the config file's directory; default: the current one)
     "app_dir": _text,
@@ -407,9 +437,65 @@ def build_service(
         if kind == "exec" and access.instances:  # a quarter of the programs at once
             capacity = min(capacity, access.instances)
         access = replace(access, per_source=default_per_source(capacity))
+    tls, proxy = _layers(s, listen, prefix, base)
     return ServiceConfig(
-        handler=handler, listen=listen, name=name, limits=limits, options=options, access=access
+        handler=handler, listen=listen, name=name, limits=limits, options=options,
+        access=access, tls=tls, proxy=proxy,
     )
+
+
+def _layers(
+    s: Mapping[str, Any], listen: tuple[Endpoint, ...], prefix: str, base: Path | None
+) -> tuple[TLSSettings | None, ProxySettings | None]:
+    """TLS and PROXY settings, checked against the listeners they serve."""
+
+    def path(key: str) -> str | None:
+        value = s.get(key)
+        if value is None:
+            return None
+        found = Path(value).expanduser()
+        if base is not None and not found.is_absolute():
+            found = base / found
+        return str(found)
+
+    tls_listeners = [e for e in listen if e.tls]
+    tls_keys = [k for k in ("cert", "key", "client_ca", "alpn", "handshake_timeout") if k in s]
+    tls: TLSSettings | None = None
+    if tls_listeners and "cert" not in s:
+        raise ConfigError(
+            f"{prefix}listen: {tls_listeners[0]} needs a certificate (cert; --cert on the "
+            "command line)"
+        )
+    if tls_keys and not tls_listeners:
+        raise ConfigError(
+            f"{prefix}{tls_keys[0]}: no TLS listener to use it (listen on tls:HOST:PORT "
+            "or unix+tls:PATH)"
+        )
+    if tls_listeners:
+        cert = path("cert")
+        assert cert is not None
+        tls = TLSSettings(
+            cert=cert, key=path("key"), client_ca=path("client_ca"),
+            alpn=tuple(s.get("alpn", ())),
+            **({"handshake_timeout": s["handshake_timeout"]} if "handshake_timeout" in s else {}),
+        )
+    proxy: ProxySettings | None = None
+    proxy_keys = [k for k in ("proxy_protocol", "proxy_from", "proxy_timeout") if k in s]
+    if proxy_keys:
+        if "proxy_protocol" not in s:
+            raise ConfigError(f"{prefix}{proxy_keys[0]}: needs proxy_protocol (v1, v2 or any)")
+        if not s.get("proxy_from"):
+            raise ConfigError(
+                f"{prefix}proxy_from: the PROXY protocol needs the balancers' addresses: "
+                "a header from anyone would let anyone claim any address"
+            )
+        if not any(e.is_stream for e in listen):
+            raise ConfigError(f"{prefix}proxy_protocol: the PROXY protocol is for stream listeners")
+        proxy = ProxySettings(
+            trusted=tuple(s["proxy_from"]), accept=s["proxy_protocol"],
+            **({"timeout": s["proxy_timeout"]} if "proxy_timeout" in s else {}),
+        )
+    return tls, proxy
 
 
 def check_listeners(services: list[tuple[str, ServiceConfig]]) -> None:

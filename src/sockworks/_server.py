@@ -652,9 +652,12 @@ class Server:
                 continue
             self._contexts[config.name] = context
             for listener in self._listeners:
-                if isinstance(listener, _SecureListener) and listener.group.name == config.name:
-                    if listener.context is not None:
-                        listener.context = context
+                if (
+                    isinstance(listener, _SecureListener)
+                    and listener.group.name == config.name
+                    and listener.context is not None
+                ):
+                    listener.context = context
             renewed += 1
             log.info("%s: certificate %s loaded again", config.name, config.tls.cert)
         return renewed

@@ -171,16 +171,25 @@ class StreamCore(asyncio.Protocol):
                 self.on_start()
 
     def eof_received(self) -> bool:
+        self._on_eof()
+        # True keeps our write side open: a half-closed peer may still read.
+        # A TLS transport cannot half-close (it shuts TLS down whatever we
+        # say, and warns at a True).
+        return self._preset is None or self.transport is None or (
+            self.transport.get_extra_info("sslcontext") is None
+        )
+
+    def _on_eof(self) -> None:
         self.peer_eof = True
         state = self.state
         if state is _CLOSED:
-            return True
+            return
         if state is _CLOSING:
             if self._lingering:
                 # The peer has taken our FIN and closed too: nothing unread
                 # can make the kernel reset the connection now.
                 self._end_linger()
-            return True
+            return
         if state is State.LOCAL_DONE:
             # We had half-closed already: nothing is left to do either way,
             # but the layer still hears of the EOF (a protocol's on_eof, a
@@ -188,14 +197,12 @@ class StreamCore(asyncio.Protocol):
             # not send. It may close or abort meanwhile.
             self.on_peer_eof()
             if self.state is not State.LOCAL_DONE:
-                return True
+                return
         self.state = next_state(state, Event.PEER_EOF)
         if self.state is _CLOSING:
             self._close_transport()
-            return True
+            return
         self.on_peer_eof()
-        # True keeps our write side open: a half-closed peer may still read.
-        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -236,6 +236,30 @@ def _port(text: str) -> int:
 
 
 def add_access_options(p: argparse.ArgumentParser) -> None:
+    tls = p.add_argument_group(
+        "TLS and the PROXY protocol",
+        "TLS runs on tls:HOST:PORT and unix+tls:PATH listeners; the PROXY protocol on every "
+        "stream listener of the service (give direct clients a listener of their own)",
+    )
+    tls.add_argument("--cert", metavar="FILE",
+                     help="certificate chain, PEM (with the key, unless --key); read again on "
+                     "SIGHUP")
+    tls.add_argument("--key", metavar="FILE", help="private key, PEM")
+    tls.add_argument("--client-ca", metavar="FILE",
+                     help="require client certificates signed by this CA; the verified subject "
+                     "reaches handlers as peer.tls_subject")
+    tls.add_argument("--alpn", type=_protocol_names, metavar="P1,P2",
+                     help="ALPN protocols offered, most preferred first")
+    tls.add_argument("--handshake-timeout", type=positive_seconds, metavar="SECONDS",
+                     help="a TLS handshake not done in this time is dropped (default 10)")
+    tls.add_argument("--proxy-protocol", choices=("v1", "v2", "any"),
+                     help="peers in --proxy-from must begin with a PROXY header (HAProxy, "
+                     "nginx); its client address is used everywhere")
+    tls.add_argument("--proxy-from", metavar="CIDR", action="append",
+                     help="a balancer's address or network (repeatable); other peers are "
+                     "refused on a PROXY listener, never guessed")
+    tls.add_argument("--proxy-timeout", type=positive_seconds, metavar="SECONDS",
+                     help="the whole PROXY header within this (default 3)")
     acc = p.add_argument_group(
         f"access control (most specific allow/deny match wins; see {doc('classic.md')})")
     acc.add_argument("--allow", metavar="NET", action="append", type=_network,
@@ -262,6 +286,20 @@ def add_access_options(p: argparse.ArgumentParser) -> None:
                      dest="drop_source_ports",
                      help="UDP: drop datagrams from this source port, besides 7, 13, 17, 19, "
                      "37 and the server's own UDP ports (repeatable)")
+
+
+def _protocol_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected protocol names such as h2,http/1.1: {text!r}")
+    return names
+
+
+def positive_seconds(text: str) -> float:
+    value = seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds: {text!r}")
+    return value
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
