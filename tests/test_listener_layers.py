@@ -352,3 +352,15 @@ def test_cli_tls_options_are_checked(cli: Any, tmp_path: Path) -> None:
     assert res.stderr.decode().count("\n") == 1 and "Traceback" not in res.stderr.decode()
     res = run_cli("serve", "echo", "-l", "tcp:127.0.0.1:0", "--proxy-protocol", "v2")
     assert res.returncode == 2 and "proxy_from" in res.stderr.decode()
+
+
+def test_exec_over_tls_is_refused_at_start(tmp_path: Path, ca: trustme.CA) -> None:
+    """An exec service hands the socket to its program, which would read
+    ciphertext: refused before anything binds, in one line."""
+    from conftest import run_cli
+
+    chain = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    res = run_cli("serve", "exec", "-l", "tls:127.0.0.1:0", "--cert", str(chain), "--", "cat")
+    assert res.returncode == 2
+    assert "cannot serve tls:127.0.0.1:0" in res.stderr.decode()

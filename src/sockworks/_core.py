@@ -238,6 +238,9 @@ class Driver:
     """
 
     name = "driver"
+    # Whether start_socket can take a TLS socket (ssl.SSLSocket): a driver
+    # that hands the descriptor to another program cannot.
+    tls_sockets = True
 
     def supports(self, endpoint: Endpoint) -> bool:
         return endpoint.is_stream

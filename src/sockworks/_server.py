@@ -560,6 +560,11 @@ class Server:
                         )
                     if endpoint.tls and not endpoint.is_stream:
                         raise ConfigError(f"{config.name}: TLS runs over stream endpoints only")
+                    if endpoint.tls and not driver.tls_sockets:
+                        raise ConfigError(
+                            f"{config.name}: an {driver.name} service cannot serve {endpoint}:"
+                            " its program would get the encrypted bytes (no TLS relay yet)"
+                        )
                 if config.tls is not None and config.name not in self._contexts:
                     # Before binding: a certificate that cannot be used is
                     # an error at start, never per connection.

@@ -401,6 +401,9 @@ class ExecConnection:
 class ExecDriver(Driver):
     """Serves each accepted stream connection with a run of ``command``."""
 
+    # The program gets the socket itself: over TLS it would read ciphertext.
+    tls_sockets = False
+
     name = "exec"
 
     def __init__(self, command: ExecCommand) -> None:
