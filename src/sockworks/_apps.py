@@ -60,11 +60,11 @@ def load_app(reference: str, app_dir: str | os.PathLike[str] | None = None) -> A
             raise ConfigError(
                 f"{reference}: no module named {missing!r} in {directory}{hint}"
             ) from None
-        raise ConfigError(f"{reference}: importing {module_name} failed: {_one_line(exc)}") \
-            from None
+        failed = f"{reference}: importing {module_name} failed: {_one_line(exc)}"
+        raise ConfigError(failed) from None
     except Exception as exc:  # the user's module raised: say what, in one line
-        raise ConfigError(f"{reference}: importing {module_name} failed: {_one_line(exc)}") \
-            from None
+        failed = f"{reference}: importing {module_name} failed: {_one_line(exc)}"
+        raise ConfigError(failed) from None
     obj: Any = module
     for part in attr_path.split("."):
         try:
@@ -100,7 +100,9 @@ def check_handler(obj: Any, reference: str) -> Any:
                 f"{reference}: the class {obj.__name__} is not a handler; {expected}"
             )
     elif not callable(obj) and not isinstance(obj, Driver):
-        raise ConfigError(f"{reference}: a {type(obj).__name__} is not a handler; {expected}")
+        raise ConfigError(
+            f"{reference}: not a handler (an object of type {type(obj).__name__}); {expected}"
+        )
     try:
         make_driver(obj)
     except ConfigError as exc:
