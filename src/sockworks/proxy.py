@@ -314,7 +314,8 @@ class ProxyHeaderParser:
         if len(buf) == _V2_FIXED:
             length = int.from_bytes(buf[14:16], "big")
             name, size = _FAMILIES[buf[13] >> 4]
-            if length < size:
+            # LOCAL: the family is ignored with the rest of the block (the spec).
+            if length < size and buf[12] & 0x0F == 0x1:
                 raise ProxyHeaderError(f"v2 length {length} is too short for {name} addresses "
                                        f"({size} bytes)")
             if _V2_FIXED + length > self.max_v2_length:
@@ -412,9 +413,11 @@ def _parse_v2(header: bytes) -> ProxyInfo:
     command = _COMMANDS[header[12] & 0x0F]
     family, size = _FAMILIES[header[13] >> 4]
     transport = _TRANSPORTS[header[13] & 0x0F]
-    source = destination = None
-    if command == "PROXY" and family != "UNSPEC":
-        source, destination = _v2_addresses(family, header[16 : 16 + size])
+    if command == "LOCAL" or family == "UNSPEC":
+        # The receiver must use the real addresses and ignore the block (the
+        # spec): it is not parsed, so it cannot be wrong.
+        return ProxyInfo(2, command, family, None, None, transport=transport)
+    source, destination = _v2_addresses(family, header[16 : 16 + size])
     tlvs, crc_at = _v2_tlvs(header, 16 + size)
     if crc_at is not None:
         expected = int.from_bytes(header[crc_at : crc_at + 4], "big")
@@ -519,8 +522,9 @@ def _ip_pair(
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address,
            ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
-        src = ipaddress.ip_address(source.host)
-        dst = ipaddress.ip_address(destination.host)
+        # A zone (fe80::1%eth0, from getsockname) means nothing to the receiver.
+        src = ipaddress.ip_address(source.host.split("%", 1)[0])
+        dst = ipaddress.ip_address(destination.host.split("%", 1)[0])
     except ValueError as exc:
         raise ValueError(f"a PROXY header states IP addresses, not names: {exc}") from None
     if src.version != dst.version:
