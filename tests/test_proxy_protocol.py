@@ -164,6 +164,11 @@ VALID: list[tuple[str, bytes, tuple[int, str, str, Peer | None, Peer | None]]] =
     ("v2 LOCAL health check with CRC32C (HAProxy's form)",
      _crc_fixed(v2(0x20, 0x00, tlv(PP2_TYPE_CRC32C, b"\0\0\0\0"))),
      (2, "LOCAL", "UNSPEC", None, None)),
+    ("v2 LOCAL: the block is ignored, even a bad CRC32C or a short length",
+     v2(0x20, 0x11, tlv(PP2_TYPE_CRC32C, b"\1\2\3\4") + b"\xff"),
+     (2, "LOCAL", "TCP4", None, None)),
+    ("v2 PROXY UNSPEC: the block is ignored", v2(0x21, 0x00, b"\x01\x02 not TLVs"),
+     (2, "PROXY", "UNSPEC", None, None)),
 ]
 
 
@@ -208,7 +213,7 @@ def test_tlvs_decoded() -> None:
     assert (ssl.version, ssl.cn, ssl.cipher, ssl.sig_alg, ssl.key_alg) == (
         "TLSv1.3", "client.example", "TLS_AES_128_GCM_SHA256", "RSA-SHA256", "RSA2048")
     assert ssl.tlvs[PP2_SUBTYPE_SSL_CN] == b"client.example"
-    unverified = feed_all([v2(0x21, 0x00, ssl_tlv(0x01, 1, []))])[0]
+    unverified = feed_all([v2(0x21, 0x11, bytes(12) + ssl_tlv(0x01, 1, []))])[0]
     assert unverified is not None and unverified.ssl is not None
     assert (unverified.ssl.client_ssl, unverified.ssl.verified, unverified.ssl.version) == (
         True, False, None)
@@ -229,7 +234,7 @@ def test_crc32c_check_value() -> None:
 
 
 def test_duplicate_tlv_keeps_the_first() -> None:
-    info = feed_all([v2(0x21, 0x00, tlv(PP2_TYPE_ALPN, b"a") + tlv(PP2_TYPE_NOOP, b"")
+    info = feed_all([v2(0x21, 0x11, bytes(12) + tlv(PP2_TYPE_ALPN, b"a") + tlv(PP2_TYPE_NOOP, b"")
                         + tlv(PP2_TYPE_ALPN, b"b") + tlv(PP2_TYPE_NOOP, b"xyz"))])[0]
     assert info is not None and info.alpn == b"a" and info.tlvs[PP2_TYPE_NOOP] == b""
 
@@ -297,16 +302,17 @@ BAD: list[tuple[str, bytes, str, int, str]] = [
      "CRC32C mismatch"),
     ("an address changed under the CRC32C", _GOOD_CRC[:16] + b"\x09" + _GOOD_CRC[17:], "any",
      len(_GOOD_CRC) - 1, "CRC32C mismatch"),
-    ("CRC32C TLV of 3 bytes", v2(0x21, 0x00, tlv(PP2_TYPE_CRC32C, b"abc")), "any", 21,
-     "CRC32C TLV of 3 bytes"),
-    ("two CRC32C TLVs", v2(0x21, 0x00, tlv(PP2_TYPE_CRC32C, bytes(4)) * 2), "any", 29,
-     "two CRC32C"),
-    ("UNIQUE_ID over 128 bytes", v2(0x21, 0x00, tlv(PP2_TYPE_UNIQUE_ID, bytes(129))), "any",
-     16 + 3 + 129 - 1, "UNIQUE_ID of 129 bytes"),
-    ("SSL TLV too short", v2(0x21, 0x00, tlv(PP2_TYPE_SSL, b"\x01\0\0")), "any", 21,
+    ("CRC32C TLV of 3 bytes", v2(0x21, 0x11, _TCP4_BODY + tlv(PP2_TYPE_CRC32C, b"abc")), "any",
+     33, "CRC32C TLV of 3 bytes"),
+    ("two CRC32C TLVs", v2(0x21, 0x11, _TCP4_BODY + tlv(PP2_TYPE_CRC32C, bytes(4)) * 2), "any",
+     41, "two CRC32C"),
+    ("UNIQUE_ID over 128 bytes", v2(0x21, 0x11, _TCP4_BODY + tlv(PP2_TYPE_UNIQUE_ID, bytes(129))),
+     "any", 28 + 3 + 129 - 1, "UNIQUE_ID of 129 bytes"),
+    ("SSL TLV too short", v2(0x21, 0x11, _TCP4_BODY + tlv(PP2_TYPE_SSL, b"\x01\0\0")), "any", 33,
      "SSL TLV of 3 bytes"),
-    ("SSL sub-TLV cut", v2(0x21, 0x00, tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0" + b"\x21\x00\x09TLS")),
-     "any", 29, "SSL TLV: TLV 0x21 of 9 bytes runs past"),
+    ("SSL sub-TLV cut", v2(0x21, 0x11, _TCP4_BODY + tlv(PP2_TYPE_SSL, b"\x01\0\0\0\0"
+                                                       + b"\x21\x00\x09TLS")),
+     "any", 41, "SSL TLV: TLV 0x21 of 9 bytes runs past"),
 ]
 
 
@@ -538,7 +544,9 @@ def _oracle_view(result: object) -> tuple[str, str, object, object, dict[int, by
     """The oracle's result in our terms: command, family, source, destination, TLVs."""
     tlvs = dict(getattr(result, "tlv", {}) or {})
     if isinstance(result, ProxyResultLocal):
-        return "LOCAL", "UNSPEC", None, None, tlvs
+        # It reads a LOCAL header's whole block as TLVs; the spec says to
+        # ignore the block, and we do.
+        return "LOCAL", "UNSPEC", None, None, {}
     if isinstance(result, ProxyResultIPv4 | ProxyResultIPv6):
         family = "TCP4" if isinstance(result, ProxyResultIPv4) else "TCP6"
         src, dst = result.source, result.dest
@@ -600,7 +608,7 @@ def test_oracle_agrees_on_our_v2_headers(pair: tuple[Peer, Peer], tlvs: dict[int
     assert ours is not None
     theirs = _oracle_parse(header)  # raises ProxyProtocolChecksumError on a bad CRC
     assert _our_view(ours) == _oracle_view(theirs)
-    if PP2_TYPE_SSL in tlvs:
+    if PP2_TYPE_SSL in tlvs and not local:
         ssl = theirs.tlv.ssl  # type: ignore[attr-defined]
         assert ours.ssl is not None
         assert (ours.ssl.client_ssl, ours.ssl.verify, ours.ssl.cn, ours.ssl.version) == (
@@ -692,3 +700,241 @@ def test_what_we_accept_in_v1_the_oracle_accepts_alike(
     assume(ours is not None and bytes(line).endswith(b"\r\n") and line.count(b"\n") == 1)
     assert ours is not None
     assert _our_view(ours) == _oracle_view(_oracle_parse(bytes(line)))
+
+
+# --------------------------------------------------------------------------
+# sending: sockworks connect --send-proxy, parsed by a raw socket server here
+
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from _netcat_helpers import SOCKWORKS, one_line, read_all  # noqa: E402
+
+
+@contextlib.contextmanager
+def raw_server(family: int = socket.AF_INET,
+               address: object = ("127.0.0.1", 0)) -> Iterator[socket.socket]:
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)  # type: ignore[arg-type]
+        listener.listen(4)
+        listener.settimeout(20)
+        yield listener
+    finally:
+        listener.close()
+
+
+def run_client(args: Sequence[str], listener: socket.socket, stdin: bytes = b"hello\n",
+               reply: bytes = b"", until: bytes | None = None,
+               ) -> tuple[bytes, object, subprocess.CompletedProcess[bytes]]:
+    """Run a client against ``listener``: everything it sent (up to its EOF,
+    or up to ``until``), its address as we saw it, and how it ended.
+    ``reply`` is sent before closing."""
+    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, \
+            tempfile.TemporaryFile() as ferr:
+        fin.write(stdin)
+        fin.seek(0)
+        proc = subprocess.Popen(list(args), stdin=fin, stdout=fout, stderr=ferr)
+        try:
+            conn, peer = listener.accept()
+            with conn:
+                if until is None:
+                    got = read_all(conn)
+                else:
+                    conn.settimeout(20)
+                    got = b""
+                    while until not in got:
+                        data = conn.recv(4096)
+                        assert data, f"EOF after {got!r}"
+                        got += data
+                conn.sendall(reply)
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        fout.seek(0)
+        ferr.seek(0)
+        out, err = fout.read(), ferr.read()
+    return got, peer, subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def parse(data: bytes) -> tuple[ProxyInfo, bytes]:
+    for chunks in chunkings(data, max_sizes=8):
+        info, after = feed_all(chunks)
+        assert info is not None
+    assert info is not None
+    return info, after
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_states_our_real_addresses(version: str) -> None:
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        got, peer, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", version, f"127.0.0.1:{port}"], listener)
+    assert done.returncode == 0, done.stderr
+    info, after = parse(got)
+    assert (info.version, info.command, info.family) == (int(version[1]), "PROXY", "TCP4")
+    assert info.source == Peer.from_address(peer)
+    assert info.destination == Peer("127.0.0.1", port)
+    assert after == b"hello\n"
+    if version == "v1":
+        assert got.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\nhello" % (peer[1], port))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_with_a_stated_source(version: str) -> None:
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        got, _, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", version, "--proxy-source",
+             "203.0.113.7:4000", "-v", f"127.0.0.1:{port}"], listener)
+    assert done.returncode == 0, done.stderr
+    info, after = parse(got)
+    assert info.source == Peer("203.0.113.7", 4000)
+    assert info.destination == Peer("127.0.0.1", port)
+    assert after == b"hello\n"
+    assert f"sent PROXY {version} header" in done.stderr.decode()
+
+
+def test_send_proxy_ipv6_source_to_ipv4_listener_is_mapped() -> None:
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        got, _, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", "v1", "--proxy-source", "[2001:db8::5]:6",
+             f"127.0.0.1:{port}"], listener)
+    assert done.returncode == 0, done.stderr
+    assert got.startswith(b"PROXY TCP6 2001:db8::5 ::ffff:127.0.0.1 6 %d\r\n" % port)
+
+
+def test_send_proxy_over_ipv6() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        server = raw_server(socket.AF_INET6, ("::1", 0))
+        listener = server.__enter__()
+    except OSError:
+        pytest.skip("no ::1")
+    try:
+        port = listener.getsockname()[1]
+        got, peer, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", "v2", f"[::1]:{port}"], listener)
+    finally:
+        server.__exit__(None, None, None)
+    assert done.returncode == 0, done.stderr
+    info, _ = parse(got)
+    assert (info.family, info.source, info.destination) == (
+        "TCP6", Peer.from_address(peer), Peer("::1", port))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_over_unix(version: str, tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    with raw_server(socket.AF_UNIX, path) as listener:
+        got, _, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", version, f"unix:{path}"], listener)
+    assert done.returncode == 0, done.stderr
+    info, after = parse(got)
+    assert after == b"hello\n"
+    if version == "v1":
+        assert (info.command, info.family) == ("LOCAL", "UNSPEC")  # v1 cannot state paths
+    else:
+        assert (info.family, info.source, info.destination) == (
+            "UNIX", Peer(path=""), Peer(path=path))
+
+
+def test_send_proxy_goes_before_tls() -> None:
+    # The header, then a TLS ClientHello: the PROXY layer is under TLS.
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        proc = subprocess.Popen(
+            [*SOCKWORKS, "connect", "--send-proxy", "v2", "--tls", "--insecure",
+             f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        try:
+            conn, peer = listener.accept()
+            with conn:
+                conn.settimeout(20)
+                parser = ProxyHeaderParser("v2")
+                info = None
+                while info is None:
+                    data = conn.recv(4096)
+                    assert data, "EOF before the whole header"
+                    info = parser.feed(data)
+                first = parser.rest or conn.recv(4096)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert info.source == Peer.from_address(peer)
+    assert first[:1] == b"\x16"  # a TLS handshake record
+    assert proc.returncode == 1 and b"Traceback" not in err  # we hung up on it
+
+
+def test_send_proxy_with_exec(tmp_path: Path) -> None:
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        got, peer, done = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", "v1", "--sh-exec", "printf from-a-program",
+             f"127.0.0.1:{port}"], listener)
+    assert done.returncode == 0, done.stderr
+    info, after = parse(got)
+    assert info.source == Peer.from_address(peer)
+    assert after == b"from-a-program"
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--proxy-source", "1.2.3.4:5", "127.0.0.1:9"], "--proxy-source needs --send-proxy"),
+    (["--send-proxy", "v1", "--proxy-source", "example.org:5", "127.0.0.1:9"],
+     "'example.org' is not an IP address"),
+    (["--send-proxy", "v1", "--proxy-source", "1.2.3.4", "127.0.0.1:9"], "--proxy-source"),
+    (["--send-proxy", "v2", "udp:127.0.0.1:9"], "works over tcp and unix streams, not udp"),
+    (["--send-proxy", "v2", "--proxy-source", "1.2.3.4:5", "unix:/tmp/x"],
+     "applies to tcp endpoints"),
+])
+def test_send_proxy_usage_errors(capsys: pytest.CaptureFixture[str], args: list[str],
+                                 fragment: str) -> None:
+    one_line(capsys, 1, fragment, "connect", *args)
+
+
+def test_send_proxy_with_zero_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # Like --zero with --exec: found before anything runs (status 2).
+    one_line(capsys, 2, "--send-proxy does not apply", "connect", "--send-proxy", "v2",
+             "--zero", "127.0.0.1:9")
+
+
+def test_send_proxy_v3_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        from sockworks.cli import main
+        main(["connect", "--send-proxy", "v3", "127.0.0.1:9"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_curl_haproxy_protocol_parses_and_matches_ours() -> None:
+    # curl writes v1 (PROXY TCP4 src dst sport dport): we parse what it
+    # sends, and sockworks connect --send-proxy v1 writes the same form.
+    with raw_server() as listener:
+        port = listener.getsockname()[1]
+        got, peer, done = run_client(
+            ["curl", "-sS", "--max-time", "20", "--haproxy-protocol", "-H", "Host: x",
+             f"http://127.0.0.1:{port}/"], listener, stdin=b"", until=b"\r\n\r\n",
+            reply=b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        ours, our_peer, _ = run_client(
+            [*SOCKWORKS, "connect", "--send-proxy", "v1", f"127.0.0.1:{port}"], listener)
+    assert done.returncode == 0 and done.stdout == b"ok\n", done.stderr
+    info, after = parse(got)
+    assert (info.version, info.family) == (1, "TCP4")
+    assert (info.source, info.destination) == (Peer.from_address(peer), Peer("127.0.0.1", port))
+    assert after.startswith(b"GET / HTTP/1.1\r\n")
+    curl_line = got[: got.index(b"\r\n") + 2]
+    our_line = ours[: ours.index(b"\r\n") + 2]
+    assert curl_line.replace(b" %d " % peer[1], b" SPORT ") == our_line.replace(
+        b" %d " % our_peer[1], b" SPORT ")

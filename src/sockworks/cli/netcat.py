@@ -34,6 +34,8 @@ CONNECT_EXAMPLES = examples(
     ("sockworks connect --zero 127.0.0.1:20-25,7000-7100", "list open TCP ports"),
     ("sockworks connect --exec 'sha256sum' 127.0.0.1:9000",
      "the server's bytes in, their hash back"),
+    ("sockworks connect --send-proxy v2 --proxy-source 203.0.113.7:4000 127.0.0.1:7007",
+     "test a PROXY listener: say the client is 203.0.113.7"),
 )
 LISTEN_EXAMPLES = examples(
     ("sockworks listen tcp:127.0.0.1:0 > got.bin", "one peer's bytes into a file"),
@@ -63,6 +65,14 @@ def register(sub: Any) -> None:
                    help="--zero: probes in flight at once (default 100)")
     c.add_argument("--source", "-s", metavar="ADDR[:PORT]",
                    help="local address (and port) to connect from; a path for unix")
+    proxy = c.add_argument_group(
+        "PROXY protocol", "send a PROXY header first, as HAProxy or nginx would (curl "
+        "--haproxy-protocol): right after connecting, before TLS and before any data")
+    proxy.add_argument("--send-proxy", choices=("v1", "v2"), metavar="v1|v2",
+                       help="the header's version: v1 text or v2 binary")
+    proxy.add_argument("--proxy-source", metavar="HOST:PORT",
+                       help="the client address the header states (default: our real "
+                       "local address); the destination is the address connected to")
     _common_options(c, listening=False)
     c.set_defaults(func=run_connect)
 
@@ -198,6 +208,8 @@ def _options(args: argparse.Namespace, *, listening: bool) -> NetcatOptions:
         deny=tuple(getattr(args, "deny", ())),
         interactive=interactive,
         datagram_wait=args.wait,
+        send_proxy=getattr(args, "send_proxy", None),
+        proxy_source=getattr(args, "proxy_source", None),
     )
 
 
@@ -246,6 +258,8 @@ def run_connect(args: argparse.Namespace) -> int:
     if args.zero:
         if _command(args) is not None:
             raise UsageError("--zero scans ports; it cannot run --exec/--sh-exec")
+        if args.send_proxy is not None:
+            raise UsageError("--zero scans ports and sends nothing; --send-proxy does not apply")
         return _run_zero(args)
     return _run_relay(connect, args, listening=False)
 

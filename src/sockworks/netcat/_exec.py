@@ -44,6 +44,7 @@ from ._relay import (
     _listen_host,
     _tls_client,
     describe_error,
+    send_proxy_header,
 )
 from ._text import AddressFilter
 from ._tls import TLSStream, client_context, server_context
@@ -215,6 +216,8 @@ def exec_connect(
     if options.tls is not None:
         client_context(options.tls)  # a bad --cafile is a usage error, before connecting
     sock = _client_socket(ep, options)
+    if options.send_proxy is not None:
+        send_proxy_header(sock, ep, options, hooks)
     sock.setblocking(False)
     tls = _tls_client(sock, ep, options) if options.tls is not None else None
     loop = _ExecLoop(argv, options, hooks or Hooks(), listener=None)

@@ -30,7 +30,8 @@ from .._endpoint import Endpoint, parse_endpoint
 from .._errors import SockworksError, UsageError
 from .._protocol import Peer
 from .._sockets import apply_options, bind
-from ._text import AddressFilter, CrlfTranslator, hexdump, parse_source
+from ..proxy import encode_v1, encode_v2
+from ._text import AddressFilter, CrlfTranslator, hexdump, parse_proxy_source, parse_source
 from ._tls import TLSOptions, TLSStream, client_context, describe_tls_error, server_context
 
 # Large enough that a 1 GiB transfer is ~4000 trips round the loop, so
@@ -99,6 +100,12 @@ class NetcatOptions:
     # Datagrams have no close: after stdin EOF, connect waits this long for
     # more replies (since the last one) and ends.
     datagram_wait: float = 2.0
+    # connect --send-proxy v1|v2: a PROXY protocol header first, as a load
+    # balancer would send it (curl --haproxy-protocol), to test a PROXY
+    # listener by hand. --proxy-source HOST:PORT states the client address
+    # (default: our real local address).
+    send_proxy: str | None = None
+    proxy_source: str | None = None
 
     def check(self, endpoint: Endpoint, *, listening: bool) -> None:
         """Raise :class:`UsageError` for combinations that cannot work."""
@@ -120,6 +127,25 @@ class NetcatOptions:
             raise UsageError("--tls over unix needs --servername (the name to verify) "
                              "or --insecure")
         AddressFilter.parse(self.allow, self.deny)  # raises on a bad rule
+        self._check_proxy(endpoint, listening=listening)
+
+    def _check_proxy(self, endpoint: Endpoint, *, listening: bool) -> None:
+        if self.send_proxy is None:
+            if self.proxy_source is not None:
+                raise UsageError("--proxy-source needs --send-proxy v1|v2")
+            return
+        if self.send_proxy not in ("v1", "v2"):
+            raise UsageError(f"--send-proxy takes v1 or v2, not {self.send_proxy!r}")
+        if listening:
+            raise UsageError("--send-proxy applies to connect (the proxy sends the header)")
+        if not endpoint.is_stream:
+            raise UsageError(f"--send-proxy works over tcp and unix streams, not "
+                             f"{endpoint.transport} (a header opens a connection)")
+        if self.proxy_source is not None:
+            if not endpoint.is_inet:
+                raise UsageError("--proxy-source HOST:PORT applies to tcp endpoints (over "
+                                 "unix the header states the socket paths)")
+            parse_proxy_source(self.proxy_source)  # raises on a bad one
 
 
 @dataclass(slots=True)
@@ -318,6 +344,34 @@ def _tls_client(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions)
     return stream
 
 
+def send_proxy_header(sock: socket.socket, endpoint: Endpoint, options: NetcatOptions,
+                      hooks: Hooks | None = None) -> bytes:
+    """Write the ``--send-proxy`` header on a freshly connected socket (before
+    TLS, before any data) and return it. The destination is the address we
+    really reached; the source is ``--proxy-source`` or our own address."""
+    assert options.send_proxy is not None
+    try:
+        destination = Peer.from_address(sock.getpeername())
+        if options.proxy_source is not None:
+            source = Peer(*parse_proxy_source(options.proxy_source))
+        else:
+            source = Peer.from_address(sock.getsockname())
+        if not endpoint.is_inet:
+            # Over unix: the path we reached (an unnamed client has no path).
+            destination = Peer(path=endpoint.path)
+        encode = encode_v1 if options.send_proxy == "v1" else encode_v2
+        header = encode(source, destination)
+        # Under one MSS, so one segment: receivers may expect it whole (the spec).
+        sock.sendall(header)
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(describe_error(exc, str(endpoint))) from None
+    if hooks is not None and hooks.event is not None:
+        shown = header.decode("ascii").strip() if header[:1] == b"P" else header.hex(" ")
+        hooks.event(f"sent PROXY {options.send_proxy} header: {shown}")
+    return header
+
+
 def _peer_name(address: object) -> str:
     if isinstance(address, bytes | str) and address[:1] in (b"\0", "\0"):
         # A Linux abstract address (an autobound unixgram client): shown as @name.
@@ -359,6 +413,8 @@ def connect(
     if options.tls is not None:
         client_context(options.tls)  # a bad --cafile is a usage error, before connecting
     sock = _client_socket(ep, options)
+    if options.send_proxy is not None:
+        send_proxy_header(sock, ep, options, hooks)
     sock.setblocking(False)
     stream: socket.socket | TLSStream = sock
     if options.tls is not None:

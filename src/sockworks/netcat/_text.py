@@ -7,6 +7,7 @@ plain functions of their input, tested with byte strings alone.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,20 @@ def parse_source(text: str) -> tuple[str, int]:
     No port, or port 0, lets the kernel choose one.
     """
     return split_host_port(text, default_port=0, zero_ok=True, subject=f"--source {text!r}")
+
+
+def parse_proxy_source(text: str) -> tuple[str, int]:
+    """``--proxy-source HOST:PORT`` (``[IPV6]:PORT``): the client address a
+    PROXY header states. An IP literal, never a name: the header carries
+    addresses, and a receiver must not have to resolve anything."""
+    subject = f"--proxy-source {text!r}"
+    host, port = split_host_port(text, zero_ok=True, subject=subject)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"{subject}: {host!r} is not an IP address (a PROXY header "
+                         "states addresses, not names)") from None
+    return host, port
 
 
 def hexdump(data: bytes | memoryview, offset: int = 0, marker: str = ">") -> str:
