@@ -354,13 +354,27 @@ def test_cli_tls_options_are_checked(cli: Any, tmp_path: Path) -> None:
     assert res.returncode == 2 and "proxy_from" in res.stderr.decode()
 
 
-def test_exec_over_tls_is_refused_at_start(tmp_path: Path, ca: trustme.CA) -> None:
-    """An exec service hands the socket to its program, which would read
-    ciphertext: refused before anything binds, in one line."""
-    from conftest import run_cli
-
+def test_exec_over_tls_relays_so_the_program_sees_plain_bytes(
+    cli: Any, tmp_path: Path, ca: trustme.CA
+) -> None:
+    """An exec service on a tls: listener: the program reads and writes
+    plain bytes through a relay, and its environment describes the TLS
+    client's own TCP connection."""
     chain = tmp_path / "server.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
-    res = run_cli("serve", "exec", "-l", "tls:127.0.0.1:0", "--cert", str(chain), "--", "cat")
-    assert res.returncode == 2
-    assert "cannot serve tls:127.0.0.1:0" in res.stderr.decode()
+    script = ('read line; echo "got $line $PROTO $TCPREMOTEIP";'
+              ' head -c 300000 /dev/zero | tr "\\0" x')
+    proc = cli(["serve", "exec", "-l", "tls:127.0.0.1:0", "--cert", str(chain),
+                "--", "sh", "-c", script])
+    (ep,) = proc.wait_listening(1)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    raw = socket.create_connection((ep.host, ep.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(b"hello\n")
+        data = _read_all(sock)
+    first, _, rest = data.partition(b"\n")
+    assert first == b"got hello TCP 127.0.0.1"
+    assert rest == b"x" * 300000  # all of it, then the program's exit closed TLS
+    assert proc.stop() == 0
+    assert "exit 0" in proc.log

@@ -251,7 +251,17 @@ class Driver:
     def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
         return None
 
-    def start_socket(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+    def start_socket(
+        self,
+        sock: socket.socket,
+        peer: Peer,
+        group: ConnectionGroup,
+        *,
+        original: socket.socket | None = None,
+    ) -> None:
+        """Serve ``sock``. ``original``: the client's own socket, when
+        ``sock`` is one end of a relay (TLS for a driver without
+        ``tls_sockets``): its addresses describe the connection."""
         raise NotImplementedError(f"the {self.name} driver takes transports, not sockets")
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> Stoppable:

@@ -25,6 +25,7 @@ from typing import Any
 from ._access import AccessControl, AccessPolicy
 from ._config import Limits, ProxySettings, SocketOptions, TLSSettings
 from ._core import ConnectionGroup, Driver, Stoppable
+from ._drivers.relay import RelaySide, pair
 from ._drivers.stream import StreamCore
 from ._endpoint import Endpoint, parse_endpoint
 from ._errors import CertificateError, ConfigError
@@ -269,6 +270,10 @@ class _SecureListener(_SocketListener):
             if not group.admit(peer):
                 return
             admitted = True
+            if self.factory is None and self.context is not None and not group.driver.tls_sockets:
+                await self._relay_tls(sock, peer)
+                started = True
+                return
             if self.factory is None:
                 if self.context is not None:
                     tls_sock = await self._blocking_handshake(sock)
@@ -311,6 +316,35 @@ class _SecureListener(_SocketListener):
                 if admitted and group.access is not None:
                     group.access.release_connection(peer.host)
                 group.starting_ended()
+
+    async def _relay_tls(self, sock: socket.socket, peer: Peer) -> None:
+        """TLS for a driver whose program gets a socket (exec): the loop
+        terminates TLS, and the program gets one end of a socketpair that
+        the relay joins to it (see _drivers/relay.py)."""
+        assert self.context is not None and self.tls is not None
+        loop = self.group.loop
+        client, program = RelaySide(), RelaySide()
+        pair(client, program)
+        # The program's side first: the client may send as soon as TLS is up.
+        ours, theirs = socket.socketpair()
+        try:
+            await loop.connect_accepted_socket(lambda: program, ours)
+            await asyncio.wait_for(
+                loop.connect_accepted_socket(
+                    lambda: client, sock, ssl=self.context,
+                    ssl_handshake_timeout=2 * self.tls.handshake_timeout,
+                ),
+                self.tls.handshake_timeout,
+            )
+        except BaseException:
+            if program.transport is not None:
+                program.transport.abort()
+            ours.close()
+            theirs.close()
+            raise
+        # The socket stays open under the TLS transport: its addresses are
+        # the connection's for the program's environment.
+        self.group.driver.start_socket(theirs, peer, self.group, original=sock)
 
     async def _blocking_handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         """The blocking style gets an ``SSLSocket``; the handshake runs here,
@@ -560,11 +594,6 @@ class Server:
                         )
                     if endpoint.tls and not endpoint.is_stream:
                         raise ConfigError(f"{config.name}: TLS runs over stream endpoints only")
-                    if endpoint.tls and not driver.tls_sockets:
-                        raise ConfigError(
-                            f"{config.name}: an {driver.name} service cannot serve {endpoint}:"
-                            " its program would get the encrypted bytes (no TLS relay yet)"
-                        )
                 if config.tls is not None and config.name not in self._contexts:
                     # Before binding: a certificate that cannot be used is
                     # an error at start, never per connection.

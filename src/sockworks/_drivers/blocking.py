@@ -537,7 +537,14 @@ class BlockingDriver(Driver):
         self.pool.size = limits.handler_threads
         return min(limits.max_connections, limits.handler_threads)
 
-    def start_socket(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+    def start_socket(
+        self,
+        sock: socket.socket,
+        peer: Peer,
+        group: ConnectionGroup,
+        *,
+        original: socket.socket | None = None,
+    ) -> None:
         sock.setblocking(True)
         conn = BlockingConnection(sock, peer, group)
         group.opened(conn)

@@ -423,12 +423,21 @@ class ExecDriver(Driver):
         close_inherited_descriptors()
         return None
 
-    def start_socket(self, sock: socket.socket, peer: Peer, group: ConnectionGroup) -> None:
+    def start_socket(
+        self,
+        sock: socket.socket,
+        peer: Peer,
+        group: ConnectionGroup,
+        *,
+        original: socket.socket | None = None,
+    ) -> None:
         conn = ExecConnection(peer, group)
         group.opened(conn)
         try:
             env = self._base_env.copy()
-            env.update(connection_environment(sock, peer))
+            # Relayed (TLS): the environment describes the client's own
+            # connection, not the socketpair the program reads.
+            env.update(connection_environment(original or sock, peer))
             # The program gets a blocking socket, as from tcpserver (the
             # flag belongs to the socket, shared by every copy of it).
             sock.setblocking(True)
