@@ -116,3 +116,53 @@ def test_paths_list_names_every_path() -> None:
                  "uvloop-thanks", "sockworks-udp-echo", "uvloop-udp-echo", "sockworks-gopher",
                  "nginx-http", "gophernicus-tcpserver", "sockworks-echo-idle"):
         assert name in proc.stdout
+
+
+TLS_BENCH = ROOT / "benchmarks" / "tls_bench.py"
+
+
+@pytest.mark.timeout(60)
+def test_tls_quick_run_measures_echo_and_handshakes(tmp_path: Path) -> None:
+    """tls_bench --quick: sockworks' TLS listener and the raw uvloop server
+    with the same SSLContext settings negotiate alike, and both are
+    measured on every load (the C load when it builds, else Python's)."""
+    pytest.importorskip("trustme")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(TLS_BENCH), "--quick", "--duration", "0.2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sockworks-tls / uvloop-tls >= 0.9" in proc.stdout
+    results = json.loads(out.read_text())
+    assert not results["failed"] and not results["skipped"], results
+    negotiated = results["negotiated"]
+    assert negotiated["sockworks-tls"] == negotiated["uvloop-tls"], negotiated
+    assert negotiated["sockworks-tls"][0] in ("TLSv1.2", "TLSv1.3")
+    loads = {"echo 100 B x4", "echo 16 KiB x4", "handshake x4"}
+    for name in ("sockworks-tls", "uvloop-tls"):
+        assert set(results["results"][name]) == loads
+        for measured in results["results"][name].values():
+            assert measured["rate"] > 0
+            assert measured["errors"] == 0
+    assert {t["load"] for t in results["targets"]} == loads
+    assert all(t["result"] in ("PASS", "MISS") for t in results["targets"])
+
+
+def test_tls_python_load_worker_runs(tmp_path: Path) -> None:
+    """The Python load (the fallback without a C compiler) against the raw
+    server, one short echo measurement."""
+    pytest.importorskip("trustme")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(TLS_BENCH), "--quick", "--duration", "0.2", "--only", "echo",
+         "--load", "python", "--skip", "sockworks-tls", "--json", str(out)],
+        capture_output=True, text=True, timeout=50, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["load"] == "python"
+    assert results["results"]["uvloop-tls"]["echo 100 B x4"]["rate"] > 0
