@@ -12,7 +12,7 @@ from typing import Any
 
 from .._config import SocketOptions
 from .._endpoint import Endpoint, parse_endpoint, reject_url
-from .._errors import SockworksError, UsageError
+from .._errors import BindError, SockworksError, UsageError
 from ..netcat import (
     Hooks,
     NetcatOptions,
@@ -26,7 +26,7 @@ from ..netcat import (
     scan,
     split_host_ports,
 )
-from ._common import EXIT_ERROR, EXIT_OK, examples, fail, positive_int, seconds
+from ._common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, examples, fail, positive_int, seconds
 
 CONNECT_EXAMPLES = examples(
     ("echo hello | sockworks connect 127.0.0.1:7007", "send a line, print the answer"),
@@ -283,7 +283,11 @@ def _run_relay(relay: Callable[..., None], args: argparse.Namespace, *, listenin
         relay(endpoint, options, hooks=_hooks(args))
     except KeyboardInterrupt:
         pass
-    except SockworksError as exc:  # a BindError: it names the endpoint itself
+    except BindError as exc:  # it names the endpoint itself; the system said no
+        return fail(str(exc), EXIT_ERROR)
+    except UsageError as exc:  # the person's mistake (no such program…): status 2
+        return fail(str(exc), EXIT_USAGE)
+    except SockworksError as exc:
         return fail(str(exc), EXIT_ERROR)
     except OSError as exc:  # the safety net: one line, never a traceback
         return fail(describe_error(exc, str(endpoint)), EXIT_ERROR)
