@@ -505,9 +505,6 @@ def test_tls_client_on_a_plain_port_fails_and_the_server_goes_on(cli: Any,
     assert "closed" in log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: serve starts with an expired certificate (listening on, no line about it); "
-    "every verifying client then fails with 'certificate has expired'"))
 def test_an_expired_certificate_at_start(cli: Any, pki: PKI, peers: list[Peer]) -> None:
     """An expired certificate is one error line and status 1 at start, not
     a server every verifying client refuses."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import time
 
 from ._config import TLSSettings
 from ._errors import CertificateError
@@ -106,6 +107,7 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         what = settings.cert if settings.key is None else f"{settings.cert} with {settings.key}"
         raise CertificateError(f"cannot load certificate {what}: {reason_text(exc)}") from None
+    _check_validity(settings.cert)
     if settings.client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         try:
@@ -117,6 +119,28 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
     if settings.alpn:
         context.set_alpn_protocols(list(settings.alpn))
     return context
+
+
+def _check_validity(path: str) -> None:
+    """A certificate outside its validity period would make every verifying
+    client fail: an error at start (and on reload, which keeps the old one)
+    rather than a server nobody can use. Read with the ssl module's own
+    decoder (a private helper, present since Python 3.0); where it is
+    missing, nothing is checked."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return
+    try:
+        cert = decode(path)
+        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
+        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (OSError, ssl.SSLError, KeyError, ValueError):
+        return  # load_cert_chain accepted it; its dates are its own business
+    now = time.time()
+    if now > not_after:
+        raise CertificateError(f"certificate {path} expired on {cert['notAfter']}")
+    if now < not_before:
+        raise CertificateError(f"certificate {path} is not valid before {cert['notBefore']}")
 
 
 def peer_subject(cert: object) -> str | None:
