@@ -433,7 +433,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "the same SSLContext, pinned, in one run.")
     p.add_argument("--only", help="comma-separated loads: echo, handshake (default both)")
     p.add_argument("--skip", help="a contender to leave out (sockworks-tls, uvloop-tls)")
-    p.add_argument("--rounds", type=int, help="rounds, interleaved (default 5)")
+    p.add_argument("--rounds", type=int, help="rounds, interleaved (default 7)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 1.0)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per server and load "
                    "(default 0.3)")
@@ -453,7 +453,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
-    defaults = {"rounds": 5, "duration": 1.0, "warmup": 0.3}
+    defaults = {"rounds": 7, "duration": 1.0, "warmup": 0.3}
     if args.quick:
         defaults = {"rounds": 1, "duration": 0.3, "warmup": 0.0}
     for name, value in defaults.items():
