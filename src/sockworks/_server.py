@@ -287,21 +287,23 @@ class _SecureListener(_SocketListener):
             conn = self.factory()
             if isinstance(conn, StreamCore):
                 conn.preset(peer)  # admitted already, by its real address
-            attach = group.loop.connect_accepted_socket(
+            # The loop's own handshake deadline (no extra task per
+            # connection); it ends the handshake with ConnectionAbortedError.
+            await group.loop.connect_accepted_socket(
                 lambda: conn,
                 sock,
                 ssl=self.context,
-                # Our own deadline below says it plainly; the loop's is a backstop.
-                ssl_handshake_timeout=2 * self.tls.handshake_timeout if self.tls else None,
+                ssl_handshake_timeout=self.tls.handshake_timeout if self.tls else None,
             )
-            if self.tls is not None:
-                await asyncio.wait_for(attach, self.tls.handshake_timeout)
-            else:
-                await attach
             started = True
         except TimeoutError:
             what = "PROXY header" if self.proxy is not None and not admitted else "TLS handshake"
             log.info("%s %s timed out", peer, what)
+        except ConnectionAbortedError as exc:
+            if self.tls is not None and "handshake" in str(exc):
+                log.info("%s TLS handshake timed out after %g s", peer, self.tls.handshake_timeout)
+            else:
+                log.info("%s left before the connection started: %s", peer, exc)
         except ProxyHeaderError as exc:
             log.info("%s bad PROXY header: %s", peer, exc.reason)
         except ssl.SSLError as exc:
