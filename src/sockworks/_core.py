@@ -55,6 +55,10 @@ LINGER_TIME = 10.0
 # While a stopping server reads what peers sent before the signal: how
 # often it looks whether that is done.
 SHUTDOWN_POLL = 0.02
+# A connection accepted from the backlog as the server stops, with nothing
+# sent yet, waits this long for its first bytes: a balancer forwards the
+# client's request right after connecting (its PROXY header may come first).
+FIRST_DATA_WAIT = 1.0
 
 
 def describe(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ every connection to finish, and aborts what is left after the grace period.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import errno
 import logging
@@ -17,6 +18,7 @@ import os
 import resource
 import socket
 import ssl
+import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +121,27 @@ def _accept_queued(
         queued.append((conn, format_peer(addr)))
 
 
+# SO_ATTACH_FILTER (Linux): a classic BPF program on a socket.
+_SO_ATTACH_FILTER = 26
+# "return 0": drop every packet (BPF_RET | BPF_K, k = 0).
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def _refuse_new_connections(sock: socket.socket) -> None:
+    """Before the last accept of a stopping listener: new SYNs are dropped,
+    so a client's connection attempt is retried by its kernel and then
+    refused by the closed port (a balancer tries another server), instead
+    of being queued now and reset by the close. Linux; elsewhere a no-op."""
+    if sock.family == socket.AF_UNIX:
+        return
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        pass
+
+
 def _returning(protocol: asyncio.Protocol) -> Callable[[], asyncio.Protocol]:
     return lambda: protocol
 
@@ -184,7 +207,12 @@ class _SocketListener:
         Closing a listening socket resets the connections still queued on
         it, and a balancer in front cannot retry those (its request went)."""
         self.pause()
-        for conn, peer in _accept_queued(self.sock, self.group):
+        _refuse_new_connections(self.sock)
+        queued = _accept_queued(self.sock, self.group)
+        # Closed in the same turn as the last accept: the window in which a
+        # new connection could queue, to be reset by the close, is a moment.
+        self.close()
+        for conn, peer in queued:
             self._accepted(conn, peer)
 
     def _accepted(self, conn: socket.socket, peer: Peer) -> None:
@@ -454,9 +482,12 @@ class _TransportListener:
         queued connections are accepted here and attached like any other."""
         self.pause()
         loop = self.group.loop
-        attach = []
-        for conn, _peer in _accept_queued(self.sock, self.group):
-            attach.append(loop.connect_accepted_socket(_returning(self.factory()), conn))
+        _refuse_new_connections(self.sock)
+        queued = _accept_queued(self.sock, self.group)
+        self.close()  # at once: see _SocketListener.drain
+        attach = [
+            loop.connect_accepted_socket(_returning(self.factory()), conn) for conn, _ in queued
+        ]
         if attach:
             for outcome in await asyncio.gather(*attach, return_exceptions=True):
                 if isinstance(outcome, BaseException):

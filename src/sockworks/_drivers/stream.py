@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, cast
 from .._core import (
     CAN_RECEIVE,
     CLOSE_TIMEOUT,
+    FIRST_DATA_WAIT,
     LINGER_QUIET,
     LINGER_TIME,
     SHUTDOWN_POLL,
@@ -67,6 +68,7 @@ class StreamCore(asyncio.Protocol):
         "_lingering",
         "_preset",
         "_shutdown_at",
+        "_shutdown_by",
         "_wait_epoch",
         "_waits",
         "_wrote_eof",
@@ -110,6 +112,7 @@ class StreamCore(asyncio.Protocol):
         self._linger_seen = 0
         self._linger_started = 0.0
         self._shutdown_at: int | None = None
+        self._shutdown_by = 0.0
         self._preset: Peer | None = None
         self.started = False
         self.idle_seen: object = None
@@ -349,15 +352,21 @@ class StreamCore(asyncio.Protocol):
             return
         self.on_idle()
 
-    def begin_shutdown(self) -> None:
+    def begin_shutdown(self, *, awaiting_first: bool = False) -> None:
         if self.state is _CLOSED or self.state is _CLOSING:
             return
         # Work in flight finishes: what the peer sent before the signal (in
         # the kernel's receive queue now) is still read and handled, then
-        # the style's shutdown applies. What comes after is not waited for.
+        # the style's shutdown applies. What comes after is not waited for,
+        # except by a connection that has sent nothing yet and was accepted
+        # from the backlog as the server stopped (``awaiting_first``): its
+        # request is on its way (a balancer forwards it right after
+        # connecting), so it gets FIRST_DATA_WAIT for its first bytes.
         pending = self._unread_in_kernel() if self.state in CAN_RECEIVE else 0
-        if pending:
-            self._shutdown_at = self.stats.bytes_in + pending
+        if pending or (awaiting_first and not self.stats.bytes_in and not self.peer_eof):
+            self._shutdown_at = self.stats.bytes_in + max(pending, 1)
+            # Only a connection with nothing sent yet waits for its first bytes.
+            self._shutdown_by = 0.0 if pending else self.group.loop.time() + FIRST_DATA_WAIT
             self._resume_reading()
             self.group.loop.call_later(SHUTDOWN_POLL, self._shutdown_when_read)
             return
@@ -367,7 +376,10 @@ class StreamCore(asyncio.Protocol):
         target = self._shutdown_at
         if target is None or self.state is _CLOSED or self.state is _CLOSING:
             return
-        if self.stats.bytes_in >= target or self.state not in CAN_RECEIVE:
+        waited_enough = 0.0 < self._shutdown_by <= self.group.loop.time()
+        if self.stats.bytes_in >= target or self.state not in CAN_RECEIVE or self.peer_eof or (
+            waited_enough
+        ):
             self._shutdown_at = None
             self.on_shutdown()
         else:
@@ -399,7 +411,7 @@ class StreamCore(asyncio.Protocol):
         so what it had already sent is answered first."""
         self.on_start()
         if self.state is _OPEN:
-            self.begin_shutdown()
+            self.begin_shutdown(awaiting_first=True)
 
     def on_peer_eof(self) -> None:
         """The peer will send no more; we may still send."""
