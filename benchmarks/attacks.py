@@ -1011,10 +1011,10 @@ class Run:
         key = "fd-64" + ("-tuned" if max_conns else "")
         r = Result(key, f"descriptor limit 64, {n} connections from 2 addresses"
                    + (f", --max-conns {max_conns}" if max_conns else ""),
-                   "out of descriptors: accept stops without spinning; the loop (libuv) "
-                   "resets the connections waiting" + (
-                       "; --max-conns below the limit, so --per-source applies" if max_conns
-                       else ""),
+                   "--max-conns fitted under the descriptor limit at start (and the "
+                   "per-source share with it): accepting stops before descriptors run out, "
+                   "the excess waits in the backlog" + (
+                       "; --max-conns 40 given, fitted likewise" if max_conns else ""),
                    settings=f"echo --timeout {IDLE} {' '.join(extra)}, RLIMIT_NOFILE 64")
         s = self.start(key, ["serve", "echo", "-l", "tcp:127.0.0.1:0", "--timeout", IDLE,
                              *extra], nofile=64)
