@@ -578,18 +578,9 @@ def drain(sock_path: Path, n: int) -> None:
         time.sleep(0.01)
 
 
-SIGTERM_ONLY_FAILS = (
-    "sockworks drops requests on SIGTERM behind a balancer (docs/scale-out.md, Rolling"
-    " restarts): a connection still reaching the backlog after the drain is reset when"
-    " the listener closes (HAProxy: SD, 0 bytes; never in the instance's log), and a"
-    " connection started during shutdown is closed before its request arrives (0 B in,"
-    " 'server shutting down')"
-)
-
-
 @pytest.mark.parametrize("how", [
     "drain-then-sigterm",
-    pytest.param("sigterm", marks=pytest.mark.xfail(reason=SIGTERM_ONLY_FAILS, strict=False)),
+    "sigterm",
 ])
 def test_rolling_restart_behind_haproxy_drops_nothing(
     how: str, cli: type[CLIProcess], tmp_path: Path
