@@ -25,6 +25,7 @@ import fcntl
 import logging
 import struct
 import termios
+import time
 from typing import TYPE_CHECKING, cast
 
 from .._core import (
@@ -359,11 +360,17 @@ class StreamCore(asyncio.Protocol):
         # the kernel's receive queue now) is still read and handled, then
         # the style's shutdown applies. What comes after is not waited for,
         # except by a connection that has sent nothing yet and was accepted
-        # from the backlog as the server stopped (``awaiting_first``): its
-        # request is on its way (a balancer forwards it right after
-        # connecting), so it gets FIRST_DATA_WAIT for its first bytes.
+        # from the backlog as the server stopped (``awaiting_first``), or a
+        # moment before: its request is on its way (a balancer forwards it
+        # right after connecting), so it gets FIRST_DATA_WAIT for its first
+        # bytes. An older silent connection is idle: it ends at once.
         pending = self._unread_in_kernel() if self.state in CAN_RECEIVE else 0
-        if pending or (awaiting_first and not self.stats.bytes_in and not self.peer_eof):
+        stats = self.stats
+        if not awaiting_first and not stats.bytes_in:
+            # Accepted a moment before the signal: its request may still be
+            # on its way (behind a PROXY header), as for one from the backlog.
+            awaiting_first = time.monotonic() - stats.started < FIRST_DATA_WAIT
+        if pending or (awaiting_first and not stats.bytes_in and not self.peer_eof):
             self._shutdown_at = self.stats.bytes_in + max(pending, 1)
             # Only a connection with nothing sent yet waits for its first bytes.
             self._shutdown_by = 0.0 if pending else self.group.loop.time() + FIRST_DATA_WAIT
