@@ -38,7 +38,7 @@ __all__ = [
 def make_driver(handler: Any) -> Driver:
     """The driver for ``handler``, chosen by its kind (see module docs)."""
     if isinstance(handler, Driver):
-        if isinstance(handler, ProtocolDriver):
+        if type(handler) is ProtocolDriver:  # a subclass keeps its own behaviour
             # A fresh copy per server: drivers hold no state, but keep the
             # rule "one driver per service" true for all of them.
             return ProtocolDriver(handler.stream_factory, handler.datagram_factory)

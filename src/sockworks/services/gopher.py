@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .._config import Limits
 from .._core import Driver
 from .._drivers import ProtocolDriver
-from .._endpoint import Endpoint, split_host_port
+from .._endpoint import split_host_port
 from .._errors import ConfigError, EndpointError
 from ..gopher.fsroot import FileSystemRoot
 from ..gopher.scripts import DEFAULT_TIMEOUT, ScriptRunner
@@ -81,37 +80,27 @@ def parse_advertise(text: str) -> tuple[str, int]:
     return host, port
 
 
-class GopherDriver(Driver):
-    """The protocol driver, saying at start which directory is served (on
-    the service's logger, beside its ``listening on`` lines): with the root
-    chosen by default, a person must see what is published. It wraps a
-    ProtocolDriver rather than subclassing it: make_driver copies a
-    ProtocolDriver into a plain one, and the line would be lost."""
-
-    name = "protocol"
+class GopherDriver(ProtocolDriver):
+    """The protocol driver (connections are the core's plain
+    ProtocolConnection), plus two things at the service's edges: at start
+    it says which directory is served (with the root chosen by default, a
+    person must see what is published), and at the end it stops scripts
+    still running past the grace period, so that their threads end."""
 
     def __init__(self, stream: Callable[[], GopherProtocol], served: str,
                  scripts: ScriptRunner | None = None) -> None:
-        self.inner = ProtocolDriver(stream=stream)
+        super().__init__(stream=stream)
         self.served = served
         self.scripts = scripts
 
-    def supports(self, endpoint: Endpoint) -> bool:
-        return self.inner.supports(endpoint)
-
-    def max_connections(self, limits: Limits) -> int:
-        return self.inner.max_connections(limits)
-
     def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
         group.log.info("serving %s", self.served)
-        return self.inner.connection_factory(group)
+        return super().connection_factory(group)
 
     def close(self) -> None:
-        # Scripts still running past the grace period are killed, so that
-        # their threads end and the process can exit.
         if self.scripts is not None:
             self.scripts.stop_all()
-        self.inner.close()
+        super().close()
 
 
 def build(options: ServiceOptions) -> Driver:
