@@ -33,8 +33,7 @@ from types import FrameType
 
 from .._endpoint import Endpoint, parse_endpoint
 from .._errors import SockworksError, UsageError
-from .._protocol import Peer
-from .._sockets import apply_options, bind
+from .._sockets import bind
 from ._relay import (
     Hooks,
     NetcatOptions,
@@ -43,6 +42,7 @@ from ._relay import (
     _grow_pipe,
     _listen_host,
     _tls_client,
+    accept_one,
     describe_error,
     send_proxy_header,
 )
@@ -488,26 +488,12 @@ class _ExecLoop:
 
     def _accept(self) -> None:
         assert self.listener is not None
-        try:
-            sock, address = self.listener.accept()
-        except BlockingIOError:
+        got = accept_one(self.listener, self.filter, self.options.socket_options, self._event)
+        if got is None:
             return
-        except OSError as exc:
-            self._event(f"accept failed: {exc.strerror or exc}")
-            return
-        peer = Peer.from_address(address)
-        if self.filter and not self.filter.permits(peer.host):
-            self._event(f"refused a connection from {peer} (--allow/--deny)")
-            sock.close()
-            return
+        sock, peer = got
         self.accepted += 1
         self._event(f"connection from {peer}")
-        sock.setblocking(False)
-        try:
-            apply_options(sock, self.options.socket_options, stream=True,
-                          inet=sock.family != socket.AF_UNIX)
-        except OSError:
-            pass
         self.start(sock, str(peer), peer.host)
 
     def start(self, sock: socket.socket, peer: str, host: str, *,

@@ -938,26 +938,12 @@ class _Relay:
 
     def _accept(self) -> None:
         assert self.listener is not None
-        try:
-            sock, address = self.listener.accept()
-        except BlockingIOError:
+        got = accept_one(self.listener, self.filter, self.options.socket_options, self._event)
+        if got is None:
             return
-        except OSError as exc:
-            self._event(f"accept failed: {exc.strerror or exc}")
-            return
-        peer = Peer.from_address(address)
-        if self.filter and not self.filter.permits(peer.host):
-            self._event(f"refused a connection from {peer} (--allow/--deny)")
-            sock.close()
-            return
+        sock, peer = got
         self.accepted += 1
         self._event(f"connection from {peer}")
-        sock.setblocking(False)
-        inet = sock.family != socket.AF_UNIX
-        try:
-            apply_options(sock, self.options.socket_options, stream=True, inet=inet)
-        except OSError:
-            pass
         if self.context is not None:
             if self.options.keep_open and len(self.conns) >= self.options.max_conns:
                 self._make_room(peer.host)
@@ -1117,3 +1103,33 @@ def scan(
                     sel.unregister(sock)
                     sock.close()
     return sorted(found)
+
+
+def accept_one(
+    listener: socket.socket,
+    address_filter: AddressFilter | None,
+    socket_options: SocketOptions,
+    event: Callable[[str], None],
+) -> tuple[socket.socket, Peer] | None:
+    """One waiting connection from a non-blocking ``listener``, made
+    non-blocking with the socket options set; None when none is waiting,
+    accepting failed, or ``--allow``/``--deny`` refused it (each said
+    through ``event``). ``listen`` and ``listen --exec`` both accept here."""
+    try:
+        sock, address = listener.accept()
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        event(f"accept failed: {exc.strerror or exc}")
+        return None
+    peer = Peer.from_address(address)
+    if address_filter and not address_filter.permits(peer.host):
+        event(f"refused a connection from {peer} (--allow/--deny)")
+        sock.close()
+        return None
+    sock.setblocking(False)
+    try:
+        apply_options(sock, socket_options, stream=True, inet=sock.family != socket.AF_UNIX)
+    except OSError:
+        pass  # the peer already reset: the first read says so
+    return sock, peer
