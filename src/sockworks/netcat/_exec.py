@@ -27,7 +27,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType
 
@@ -44,6 +43,8 @@ from ._relay import (
     _tls_client,
     accept_one,
     describe_error,
+    dropped_message,
+    handshake_to_drop,
     send_proxy_header,
 )
 from ._text import AddressFilter
@@ -571,14 +572,9 @@ class _ExecLoop:
         """At --max-conns a newcomer from ``host`` displaces the oldest
         unfinished handshake of the address with the most of them (as
         ``listen --tls -k`` without --exec does)."""
-        shaking = [s for s in self.sessions if s.handshaking]
-        counts = Counter(s.host for s in shaking)
-        counts[host] += 1
-        top = max(counts.values())
-        victim = next((s for s in shaking if counts[s.host] == top), None)
+        victim = handshake_to_drop(self.sessions, host)
         if victim is not None:
-            self._warn(f"TLS handshake with {victim.peer} failed: unfinished at --max-conns "
-                       f"{self.options.max_conns}, dropped to make room for a newcomer")
+            self._warn(dropped_message(victim.peer, self.options.max_conns))
             self.sessions.remove(victim)
             self._final_close(victim)
 

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from .._config import SocketOptions
 from .._endpoint import Endpoint, parse_endpoint
@@ -981,14 +981,9 @@ class _Relay:
         newcomer counted) gives way. Handshakes hold a slot only until
         someone needs it, and a flood from one address displaces itself,
         never a client on another address."""
-        shaking = [c for c in self.conns if c.handshaking]  # oldest first
-        counts = Counter(c.host for c in shaking)
-        counts[host] += 1
-        top = max(counts.values())
-        victim = next((c for c in shaking if counts[c.host] == top), None)
+        victim = handshake_to_drop(self.conns, host)
         if victim is not None:
-            self._warn(f"TLS handshake with {victim.peer} failed: unfinished at --max-conns "
-                       f"{self.options.max_conns}, dropped to make room for a newcomer")
+            self._warn(dropped_message(victim.peer, self.options.max_conns))
             self._close(victim)
 
     def _handshake_timed_out(self, conn: _Conn) -> None:
@@ -1133,3 +1128,29 @@ def accept_one(
     except OSError:
         pass  # the peer already reset: the first read says so
     return sock, peer
+
+
+class _Handshaking(Protocol):
+    handshaking: bool
+    host: str
+
+
+_H = TypeVar("_H", bound=_Handshaking)
+
+
+def handshake_to_drop(connections: Sequence[_H], host: str) -> _H | None:
+    """The unfinished handshake that gives way at --max-conns when a
+    newcomer from ``host`` is accepted: the oldest of the address with the
+    most of them, the newcomer counted. A flood from one address displaces
+    itself, never a client on another address. ``connections``: oldest
+    first. ``listen`` and ``listen --exec`` both decide here."""
+    shaking = [c for c in connections if c.handshaking]
+    counts = Counter(c.host for c in shaking)
+    counts[host] += 1
+    top = max(counts.values())
+    return next((c for c in shaking if counts[c.host] == top), None)
+
+
+def dropped_message(peer: str, max_conns: int) -> str:
+    return (f"TLS handshake with {peer} failed: unfinished at --max-conns "
+            f"{max_conns}, dropped to make room for a newcomer")
