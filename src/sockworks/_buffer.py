@@ -73,7 +73,9 @@ class LineBuffer:
         """Up to ``max_bytes`` of what is buffered, in order (a stream read)."""
         buf, start = self._buf, self._start
         end = min(len(buf), start + max_bytes)
-        data = bytes(buf[start:end])
+        # All of it (a stream read's usual case): one copy, not a slice and
+        # then a copy of the slice.
+        data = bytes(buf) if start == 0 and end == len(buf) else bytes(buf[start:end])
         if end == len(buf):
             buf.clear()
             self._start = 0

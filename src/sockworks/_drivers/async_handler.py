@@ -53,8 +53,8 @@ class Stream(StreamCore):
     write at once, and every one of them wakes when the peer catches up.
     """
 
-    __slots__ = ("_buf", "_eof", "_error", "_handler", "_handler_done", "_lost",
-                 "_read_waiter", "_task", "_we_closed")
+    __slots__ = ("_buf", "_eof", "_error", "_handler", "_handler_done", "_high", "_loop",
+                 "_lost", "_read_waiter", "_task", "_we_closed")
 
     # Waiting on the peer only inside a read or a drain: a handler busy with
     # its own work (a sleep, a database) is not an idle peer.
@@ -64,6 +64,9 @@ class Stream(StreamCore):
         super().__init__(group)
         self._handler = handler
         self._buf = LineBuffer(group.limits.max_line)
+        # Looked up on every chunk and every wait: kept at hand.
+        self._loop = group.loop
+        self._high = group.limits.max_output_buffer
         self._eof = False
         self._error: BaseException | None = None
         self._read_waiter: asyncio.Future[None] | None = None
@@ -96,7 +99,8 @@ class Stream(StreamCore):
                 return b""
             await self._wait_data()
         data = buf.take(max_bytes)
-        self._check_buffer()
+        if self._held:
+            self._check_buffer()
         return data
 
     async def read_line(self, *, keep_end: bool = False) -> bytes:
@@ -130,9 +134,14 @@ class Stream(StreamCore):
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; waits while the peer's buffer is over the limit."""
-        check_output_type(data, "Stream.write")
-        self._check_writable("write")
-        self.send(bytes(data))
+        if data.__class__ is bytes and self.state is _OPEN:
+            # The usual case, checked in two comparisons.
+            self.stats.bytes_out += len(data)
+            self.transport.write(data)  # type: ignore[union-attr]
+        else:
+            check_output_type(data, "Stream.write")
+            self._check_writable("write")
+            self.send(bytes(data))
         if self.write_paused:
             await self.drained()
 
@@ -171,7 +180,7 @@ class Stream(StreamCore):
                 waiter.set_result(None)
         # Bound the read buffer like the write buffer: stop reading from a
         # peer that sends faster than the handler consumes.
-        if len(buf) > self.group.limits.max_output_buffer:
+        if len(buf) > self._high:
             self.hold_reading(True)
 
     def on_peer_eof(self) -> None:
@@ -243,14 +252,17 @@ class Stream(StreamCore):
 
     async def _wait_data(self) -> None:
         # A reader that needs more than the buffer limit must get it.
-        self.hold_reading(False)
-        waiter: asyncio.Future[None] = self.group.loop.create_future()
+        if self._held:
+            self.hold_reading(False)
+        waiter: asyncio.Future[None] = self._loop.create_future()
         self._read_waiter = waiter
-        self.begin_wait()
+        self._waits += 1  # begin_wait(), inline: this is every read's path
+        self._wait_epoch += 1
         try:
             await waiter
         finally:
-            self.end_wait()
+            self._waits -= 1
+            self._wait_epoch += 1
             self._read_waiter = None
 
     def _wake_reader(self) -> None:
@@ -261,7 +273,7 @@ class Stream(StreamCore):
                 waiter.set_result(None)
 
     def _check_buffer(self) -> None:
-        if self._held and len(self._buf) <= self.group.limits.max_output_buffer // 2:
+        if self._held and len(self._buf) <= self._high // 2:
             self.hold_reading(False)
 
 
