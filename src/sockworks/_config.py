@@ -141,3 +141,61 @@ class ProxySettings:
             )
         if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
             raise ConfigError(f"proxy timeout must be a positive number, not {self.timeout!r}")
+
+
+# How many worker processes "auto" means: one per CPU this process may run on.
+def cpu_count() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSettings:
+    """How the server runs as a process (``[server]`` in a config file):
+    worker processes, the user it drops to, metrics and the log format.
+
+    ``workers`` None: one process, serving by itself (the default). A
+    number, even 1: a supervising parent that binds every listener and
+    forks that many workers accepting on the shared sockets, replaces the
+    ones that die, and reloads on SIGHUP (seed 002's prefork model).
+    """
+
+    workers: int | None = None
+    user: str | None = None
+    group: str | None = None
+    # Where Prometheus metrics are served over HTTP (at /metrics), as an
+    # endpoint string such as "127.0.0.1:9100"; None: no metrics.
+    metrics: str | None = None
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        w = self.workers
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ConfigError(f"workers must be a positive whole number or auto, not {w!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+
+    def updated(self, **changes: Any) -> ProcessSettings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_workers(value: object) -> int:
+    """``--workers``/``workers =``: a positive whole number, or ``auto``
+    (one per CPU). Raises ConfigError naming what was wrong."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return cpu_count()
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(
+                f"{value!r} is not a number of workers (a whole number or auto)"
+            ) from None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{value!r} is not a number of workers (a whole number >= 1, or auto)")
+    return value

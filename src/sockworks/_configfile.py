@@ -5,6 +5,7 @@ The file (see ``docs/classic.md`` and ``examples/inetd.toml``)::
 
     [server]
     grace = 5                       # seconds connections get on shutdown
+    workers = 4                     # or "auto"; see docs/deploy.md
 
     [defaults]                      # any service key, for every service
     allow = ["127.0.0.0/8", "::1"]
@@ -31,14 +32,14 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ._access import AccessPolicy, default_per_source, parse_network
-from ._config import ProxySettings, SocketOptions, TLSSettings
+from ._config import ProcessSettings, ProxySettings, SocketOptions, TLSSettings, parse_workers
 from ._endpoint import Endpoint, parse_endpoint
-from ._errors import ConfigError, SockworksError
+from ._errors import ConfigError, EndpointError, SockworksError
 from ._server import ServiceConfig
 
 Check = Callable[[Any], Any]
@@ -235,7 +236,33 @@ SERVICE_KEYS: dict[str, Check] = {
     # (relative to the config file's directory; default: the current one)
     "app_dir": _text,
 }
-SERVER_KEYS: dict[str, Check] = {"grace": _number("seconds (a number)", zero=True)}
+def _workers(v: Any) -> Any:
+    try:
+        return parse_workers(v)
+    except ConfigError as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _metrics(v: Any) -> Any:
+    text = _text(v)
+    try:
+        endpoint = parse_endpoint(text)
+    except EndpointError as exc:
+        raise _Bad(str(exc)) from None
+    if endpoint.transport not in ("tcp", "unix") or endpoint.tls:
+        raise _Bad(f"metrics are served over HTTP on tcp: or unix:, not {endpoint}")
+    return text
+
+
+# [server]: the process as a whole (the names are serve's long options).
+SERVER_KEYS: dict[str, Check] = {
+    "grace": _number("seconds (a number)", zero=True),
+    "workers": _workers,  # a number, or "auto": one per CPU
+    "user": _text,  # drop to this user once every socket is bound
+    "group": _text,
+    "metrics": _metrics,  # Prometheus metrics over HTTP, at /metrics
+    "log_format": _choice("text", "json"),
+}
 TOP_KEYS = ("server", "defaults", "services")
 
 
@@ -245,6 +272,7 @@ class LoadedConfig:
 
     services: tuple[ServiceConfig, ...]
     grace: float | None = None
+    process: ProcessSettings = field(default_factory=ProcessSettings)
 
 
 def check_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -560,16 +588,17 @@ def _load(data: Mapping[str, Any], base: Path) -> LoadedConfig:
     for key in data:
         if key not in TOP_KEYS:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(TOP_KEYS)})")
-    server = _table(data, "server")
-    grace: float | None = None
-    for key, value in server.items():
+    server: dict[str, Any] = {}
+    for key, value in _table(data, "server").items():
         check = SERVER_KEYS.get(key)
         if check is None:
             raise ConfigError(f"server.{key}: unknown key (known: {', '.join(SERVER_KEYS)})")
         try:
-            grace = check(value)
+            server[key] = check(value)
         except _Bad as exc:
             raise ConfigError(f"server.{key}: {exc}") from None
+    grace = server.pop("grace", None)
+    process = ProcessSettings(**server)
     defaults = check_settings(_table(data, "defaults"), "defaults")
     for key in ("service", "listen"):
         if key in defaults:
@@ -599,4 +628,4 @@ def _load(data: Mapping[str, Any], base: Path) -> LoadedConfig:
             f"defaults.{key}: no service in this file takes it (an option of {owners_of(key)})"
         )
     check_listeners(built)
-    return LoadedConfig(tuple(config for _, config in built), grace)
+    return LoadedConfig(tuple(config for _, config in built), grace, process)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .._access import PER_SOURCE_CAP, parse_network
 from .._apps import is_app_reference
+from .._config import ProcessSettings, parse_workers
 from .._configfile import (
     SERVICE_KEYS,
     build_service,
@@ -85,6 +86,7 @@ def register(sub: Any) -> None:
                          help="gopher, with --exec-scripts: a script's time limit (default 10)")
     add_exec_options(serve)
     add_server_options(serve)
+    add_deploy_options(serve)
     serve.set_defaults(func=run_serve)
 
     demo = sub.add_parser(
@@ -140,6 +142,62 @@ def add_exec_options(p: argparse.ArgumentParser) -> None:
         return known, rest
 
     setattr(p, "parse_known_args", parse_known_args)  # noqa: B010 - an instance's own
+
+
+def _workers(text: str) -> int:
+    try:
+        return parse_workers(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_deploy_options(p: argparse.ArgumentParser) -> None:
+    """The process as a whole (``[server]`` in a config file, where the
+    command line wins): see docs/deploy.md."""
+    dep = p.add_argument_group(f"deployment (see {doc('deploy.md')})")
+    dep.add_argument("--workers", type=_workers, metavar="N|auto",
+                     help="worker processes accepting on the same sockets, supervised and "
+                     "replaced when they die; SIGHUP then reloads (auto: one per CPU). "
+                     "Default: one process")
+    dep.add_argument("--user", metavar="NAME",
+                     help="drop to this user once every socket is bound (bind port 70 as "
+                     "root, serve as nobody)")
+    dep.add_argument("--group", metavar="NAME",
+                     help="and to this group (default: the user's); supplementary groups "
+                     "are cleared")
+    dep.add_argument("--inetd", action="store_true",
+                     help="serve the one connection (or datagram socket) on standard input, "
+                     "for inetd, xinetd (wait=no) and systemd Accept=yes")
+    dep.add_argument("--metrics", type=_metrics_endpoint, metavar="ENDPOINT",
+                     help="serve Prometheus metrics over HTTP at /metrics on this endpoint "
+                     "(e.g. 127.0.0.1:9100)")
+    dep.add_argument("--log-format", choices=("text", "json"),
+                     help="text (default), or json: one object per line for journald and "
+                     "log shippers")
+
+
+def _metrics_endpoint(text: str) -> str:
+    from .._configfile import SERVER_KEYS
+
+    try:
+        checked: str = SERVER_KEYS["metrics"](text)
+    except Exception as exc:  # the check's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return checked
+
+
+def process_settings(
+    args: argparse.Namespace, base: ProcessSettings | None = None
+) -> ProcessSettings:
+    """The deployment options given on the command line over ``base``
+    (a config file's ``[server]``)."""
+    return (base or ProcessSettings()).updated(
+        workers=getattr(args, "workers", None),
+        user=getattr(args, "user", None),
+        group=getattr(args, "group", None),
+        metrics=getattr(args, "metrics", None),
+        log_format=getattr(args, "log_format", None),
+    )
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
