@@ -45,6 +45,10 @@ _RETRY_ACCEPT = 0.5
 _ACCEPT_BATCH = 64
 
 
+# Gives the listening socket for an endpoint instead of binding one here.
+SocketSource = Callable[[Endpoint, SocketOptions], BoundSocket]
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """One service and where it listens: the unit ``Server`` runs.
@@ -127,7 +131,7 @@ _SO_ATTACH_FILTER = 26
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
 
 
-def _refuse_new_connections(sock: socket.socket) -> None:
+def refuse_new_connections(sock: socket.socket) -> None:
     """Before the last accept of a stopping listener: new SYNs are dropped,
     so a client's connection attempt is retried by its kernel and then
     refused by the closed port (a balancer tries another server), instead
@@ -157,6 +161,9 @@ class _SocketListener:
         self.inet = bound.endpoint.is_inet
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
+        # Stopping: drop new connection attempts before the last accept.
+        # Not in a worker: the socket is shared and outlives it.
+        self.refuse_on_drain = True
 
     def resume(self) -> None:
         if not self._reading and self.sock.fileno() >= 0:
@@ -207,7 +214,8 @@ class _SocketListener:
         Closing a listening socket resets the connections still queued on
         it, and a balancer in front cannot retry those (its request went)."""
         self.pause()
-        _refuse_new_connections(self.sock)
+        if self.refuse_on_drain:
+            refuse_new_connections(self.sock)
         queued = _accept_queued(self.sock, self.group)
         # Closed in the same turn as the last accept: the window in which a
         # new connection could queue, to be reset by the close, is a moment.
@@ -438,6 +446,7 @@ class _TransportListener:
         self._paused = True
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
+        self.refuse_on_drain = True  # see _SocketListener
 
     def resume(self) -> None:
         if not self._paused or self._closed:
@@ -482,7 +491,8 @@ class _TransportListener:
         queued connections are accepted here and attached like any other."""
         self.pause()
         loop = self.group.loop
-        _refuse_new_connections(self.sock)
+        if self.refuse_on_drain:
+            refuse_new_connections(self.sock)
         queued = _accept_queued(self.sock, self.group)
         self.close()  # at once: see _SocketListener.drain
         attach = [
@@ -584,11 +594,27 @@ class Server:
     :attr:`endpoints`, then ``await wait_stopped()`` / ``await shutdown()``.
     """
 
-    def __init__(self, services: Sequence[ServiceConfig], *, grace: float = 5.0) -> None:
+    def __init__(
+        self,
+        services: Sequence[ServiceConfig],
+        *,
+        grace: float = 5.0,
+        sockets: SocketSource | None = None,
+    ) -> None:
+        """``sockets``: where listening sockets come from instead of binding
+        them here (a worker's, shared with its parent and the other
+        workers). The server then neither unlinks Unix socket paths nor
+        drops new connection attempts when it stops: the sockets outlive it,
+        and their owner decides."""
         if not services:
             raise ConfigError("no service to run")
         self.services = tuple(services)
         self.grace = grace
+        self._source = sockets
+        self.owns_sockets = sockets is None
+        # Per service name: limits that hold across worker processes
+        # (set by the supervisor before start).
+        self.shared_limits: dict[str, Any] = {}
         self.groups: list[ConnectionGroup] = []
         self.endpoints: list[tuple[str, Endpoint]] = []
         self._listeners: list[_SocketListener | _TransportListener] = []
@@ -634,10 +660,16 @@ class Server:
                 plan.append((config, driver, []))
             for config, _driver, bound in plan:
                 for endpoint in config.listen:
-                    bound.append(bind(endpoint, config.options))
+                    if self._source is not None:
+                        bound.append(self._source(endpoint, config.options))
+                    else:
+                        bound.append(bind(endpoint, config.options))
                     self._bound.append(bound[-1])
         except BaseException:
-            self._close_bound()
+            if self.owns_sockets:
+                self._close_bound()
+            else:
+                self._bound.clear()  # their owner closes them
             raise
         self._plan = plan
         self.endpoints = [(c.name, b.endpoint) for c, _, bs in plan for b in bs]
@@ -645,7 +677,7 @@ class Server:
     def _close_bound(self) -> None:
         for bound in self._bound:
             bound.sock.close()
-            if bound.endpoint.transport in ("unix", "unixgram"):
+            if self.owns_sockets and bound.endpoint.transport in ("unix", "unixgram"):
                 _unlink_quietly(bound.endpoint.path)
         self._bound.clear()
 
@@ -694,6 +726,7 @@ class Server:
                         listener = _SocketListener(bound, group)
                     else:
                         listener = _TransportListener(bound, group, factory)
+                    listener.refuse_on_drain = self.owns_sockets
                     group.listeners.append(listener)
                     self._listeners.append(listener)
                 else:

@@ -21,12 +21,13 @@ from .._configfile import (
     takes,
     unknown_service,
 )
-from .._endpoint import parse_endpoint, parse_port
+from .._endpoint import Endpoint, parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, UsageError
 from .._run import run_services
 from .._server import Server, ServiceConfig
 from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
+from .._supervisor import Supervisor
 from ..services import SERVICES, ServiceSpec, get_service
 from ._common import (
     EXIT_OK,
@@ -451,24 +452,50 @@ def check_descriptors(configs: Sequence[ServiceConfig]) -> None:
     )
 
 
+# A configuration as (re)loaded: its services and grace period.
+Loader = Callable[[], tuple[Sequence[ServiceConfig], float]]
+
+
 def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: float | None,
-          on_ready: Callable[[Server], None], where: str = "") -> None:
-    """Check the descriptors, bind and serve; bind errors name ``where``."""
+          on_ready: Callable[[Server], None], where: str = "", *,
+          process: ProcessSettings | None = None, reload: Loader | None = None) -> None:
+    """Check the descriptors, bind and serve; bind errors name ``where``.
+    With ``process.workers``, a supervisor runs that many workers and
+    ``reload`` gives the configuration again at each SIGHUP."""
+    process = process or ProcessSettings()
+    grace = 5.0 if grace is None else grace
     try:
         check_descriptors(configs)
         setup_logging(args)
-        run_services(configs, grace=5.0 if grace is None else grace, on_ready=on_ready)
+        if process.workers is None:
+            run_services(configs, grace=grace, on_ready=on_ready)
+            return
+        first = (configs, grace)
+        loads = iter([first])
+
+        def load() -> tuple[Sequence[ServiceConfig], float]:
+            # The configuration given, then at each reload a fresh one.
+            loaded = next(loads, None)
+            if loaded is not None:
+                return loaded
+            return reload() if reload is not None else first
+
+        Supervisor(load, process.workers, announce=announce_endpoints).run()
     except BindError as exc:
         if not where:
             raise
         raise BindError(f"{where}: {exc}") from None
 
 
-def announce(server: Server) -> None:
+def announce_endpoints(endpoints: Sequence[tuple[str, Endpoint]]) -> None:
     """The ``listening on ENDPOINT`` lines scripts wait for."""
-    for name, endpoint in server.endpoints:
+    for name, endpoint in endpoints:
         sys.stderr.write(f"sockworks: {name} listening on {endpoint}\n")
     sys.stderr.flush()
+
+
+def announce(server: Server) -> None:
+    announce_endpoints(server.endpoints)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -478,17 +505,33 @@ def run_serve(args: argparse.Namespace) -> int:
                 "--config runs the services its file describes: give their listeners "
                 "and options there, not on the command line"
             )
-        loaded = load_config(args.config)
+        path: str = args.config
+        loaded = load_config(path)
         grace = args.grace if args.grace is not None else loaded.grace
-        start(loaded.services, args, grace, announce, where=args.config)
+
+        def reload_file() -> tuple[Sequence[ServiceConfig], float]:
+            again = load_config(path)
+            grace = args.grace if args.grace is not None else again.grace
+            return again.services, 5.0 if grace is None else grace
+
+        start(loaded.services, args, grace, announce, where=path,
+              process=process_settings(args, loaded.process), reload=reload_file)
         return EXIT_OK
     if args.service is None:
         raise UsageError("name a SERVICE to run, or give --config FILE.toml")
     kind: str = args.service
     if kind not in SERVICES and not is_app_reference(kind):
         raise UsageError(unknown_service(kind))
-    config = service_config(get_service(kind) if kind in SERVICES else kind, args, args.listen)
-    start([config], args, args.grace, announce)
+
+    def build() -> ServiceConfig:
+        return service_config(get_service(kind) if kind in SERVICES else kind, args, args.listen)
+
+    def rebuild() -> tuple[Sequence[ServiceConfig], float]:
+        # The command line cannot change, but what it names can: a quotes
+        # file, a gopher root, certificates, your module's code.
+        return [build()], 5.0 if args.grace is None else args.grace
+
+    start([build()], args, args.grace, announce, process=process_settings(args), reload=rebuild)
     return EXIT_OK
 
 

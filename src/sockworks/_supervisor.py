@@ -1,0 +1,724 @@
+"""Worker processes: seed 002's prefork model, supervised.
+
+The parent binds every listener once, then forks workers that all accept
+on the shared sockets; each worker is the ordinary single-process
+:class:`Server`. The parent serves nothing itself. It
+
+- replaces a worker that dies (logged with its exit status or signal),
+  after a back-off that grows while workers keep dying young; a worker
+  that dies before it is ready at start fails the whole start instead
+  (no crash loop);
+- stops on SIGTERM or SIGINT: new connection attempts are dropped at the
+  shared sockets, every worker serves what is queued and drains within its
+  grace period, and the parent exits once all have;
+- reloads on SIGHUP: the configuration is read and checked again; on an
+  error the running one stays, with one line saying why; otherwise a new
+  generation of workers starts on the same sockets (new listeners bound,
+  removed ones closed), and only once all of it is ready do the old
+  workers stop accepting and drain. The sockets stay open throughout, so
+  under load no connection attempt is refused or reset by a reload.
+
+The supervisor's own loop is a selector over a signal wake-up socket and
+one readiness pipe per starting worker: no event loop and no thread in the
+parent, so that forking is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+from ._config import SocketOptions
+from ._endpoint import Endpoint
+from ._errors import SockworksError
+from ._server import Server, ServiceConfig, refuse_new_connections
+from ._sockets import BoundSocket, bind
+
+log = logging.getLogger("sockworks.supervisor")
+
+# A starting worker has this long to report ready (binding is done by the
+# parent, so a worker only builds its event loop and starts accepting).
+READY_TIMEOUT = 30.0
+# Back-off before replacing a worker that died young: doubling from the
+# first to the last, reset once a worker has lived STABLE seconds.
+BACKOFF_FIRST, BACKOFF_MAX, STABLE = 0.1, 10.0, 10.0
+# After the grace period, how long the parent waits for workers to exit
+# (they abort what is left themselves) before it kills them.
+EXIT_MARGIN = 5.0
+# Readiness messages on a worker's pipe: ready, or the reason it could not start.
+_READY, _FAILED = b"R", b"E"
+
+
+class Notifier(Protocol):
+    """The service manager's readiness protocol (sd_notify); see _systemd."""
+
+    def ready(self, status: str | None = None) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+    @property
+    def watchdog_interval(self) -> float | None: ...
+
+
+class WorkerHooks(Protocol):
+    """What else the parent does around its workers (metrics, limits shared
+    between them): called in the parent, and in each worker after fork."""
+
+    def before_fork(self, generation: Generation) -> None: ...
+    def in_worker(self, generation: Generation, slot: int) -> None: ...
+    def worker_exited(self, generation: Generation, slot: int, pid: int) -> None: ...
+    def generation_ended(self, generation: Generation) -> None: ...
+
+
+# A configuration as loaded: the services and their grace period.
+Loaded = tuple[Sequence[ServiceConfig], float]
+
+
+class SocketPool:
+    """The parent's listening sockets, by the endpoint as configured (the
+    n-th listener on ``tcp:127.0.0.1:0`` is the same socket at every
+    reload): a reload keeps the sockets of the endpoints it keeps."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[tuple[Endpoint, int], BoundSocket] = {}
+
+    def attempt(self) -> Binding:
+        return Binding(self)
+
+    def close(self, keys: Sequence[tuple[Endpoint, int]] | None = None) -> None:
+        """Close these sockets (all when None), unlinking Unix paths we made."""
+        for key in list(self.sockets) if keys is None else keys:
+            bound = self.sockets.pop(key, None)
+            if bound is None:
+                continue
+            bound.sock.close()
+            if bound.endpoint.transport in ("unix", "unixgram") and bound.endpoint.path:
+                try:
+                    os.unlink(bound.endpoint.path)
+                except OSError:
+                    pass
+
+    def stop_accepting(self, keys: Sequence[tuple[Endpoint, int]] | None = None) -> None:
+        """New connection attempts to these stream sockets are dropped from
+        now on (clients retry, then find the port closed); what is queued
+        is still accepted by the workers draining."""
+        for key in list(self.sockets) if keys is None else keys:
+            bound = self.sockets.get(key)
+            if bound is not None and bound.endpoint.is_stream:
+                refuse_new_connections(bound.sock)
+
+
+class Binding:
+    """One configuration's sockets from the pool: the ones it shares with
+    the running configuration, and the ones bound anew for it."""
+
+    def __init__(self, pool: SocketPool) -> None:
+        self.pool = pool
+        self.keys: list[tuple[Endpoint, int]] = []
+        self.new: list[tuple[Endpoint, int]] = []
+        self._seen: Counter[Endpoint] = Counter()
+
+    def __call__(self, endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
+        # TLS is a layer above the socket: turning it on keeps the socket.
+        plain = dataclasses.replace(endpoint, tls=False)
+        key = (plain, self._seen[plain])
+        self._seen[plain] += 1
+        self.keys.append(key)
+        bound = self.pool.sockets.get(key)
+        if bound is None:
+            bound = bind(endpoint, options)
+            self.pool.sockets[key] = bound
+            self.new.append(key)
+        return BoundSocket(bound.sock, dataclasses.replace(bound.endpoint, tls=endpoint.tls))
+
+    def rollback(self) -> None:
+        """The configuration will not run: close what was bound for it."""
+        self.pool.close(self.new)
+        self.new.clear()
+
+
+@dataclass(eq=False)
+class Worker:
+    slot: int
+    pid: int
+    generation: Generation
+    ready_fd: int | None
+    started: float
+    ready: bool = False
+    # Why it could not start, as it said on its readiness pipe.
+    failure: str | None = None
+
+
+@dataclass(eq=False)
+class Generation:
+    """Workers started from one configuration."""
+
+    number: int
+    server: Server
+    grace: float
+    binding: Binding
+    workers: dict[int, Worker] = field(default_factory=dict)  # by slot
+    # Slots whose worker died, with the time a replacement is due.
+    due: dict[int, float] = field(default_factory=dict)
+    draining: bool = False
+    # Extra state of the hooks (shared limits, metrics), by name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_ready(self) -> bool:
+        return not self.due and all(w.ready for w in self.workers.values())
+
+
+class Supervisor:
+    """Runs ``count`` workers of the configuration ``load()`` returns, and
+    again of a new one at each SIGHUP.
+
+    ``announce(endpoints)`` is called with the ``(service, endpoint)``
+    pairs newly listening, once the workers serving them are ready (all of
+    them at start). ``after_bind`` runs in the parent once the first
+    configuration is bound, before any worker starts (dropping privileges).
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Loaded],
+        count: int,
+        *,
+        announce: Callable[[list[tuple[str, Endpoint]]], None] = lambda _: None,
+        after_bind: Callable[[Server], None] | None = None,
+        notifier: Notifier | None = None,
+        hooks: Sequence[WorkerHooks] = (),
+        check: Callable[[Sequence[ServiceConfig]], None] | None = None,
+    ) -> None:
+        if count < 1:
+            raise SockworksError(f"workers must be 1 or more, not {count}")
+        self.load = load
+        self.count = count
+        self.announce = announce
+        self.after_bind = after_bind
+        self.notifier = notifier
+        self.hooks = tuple(hooks)
+        self.check = check
+        self.pool = SocketPool()
+        self.current: Generation | None = None
+        self.pending: Generation | None = None  # a reload, starting
+        self.old: list[Generation] = []  # draining
+        self._numbers = 0
+        self._pids: dict[int, Worker] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._stop_deadline: float | None = None
+        self._killed = False
+        self._reload_asked = False
+        self._failure: str | None = None
+        self._backoff: dict[int, float] = {}
+        self._watchdog_due: float | None = None
+
+    # -- the parent's loop ---------------------------------------------
+
+    def run(self) -> int:
+        """Bind, start the workers, supervise until stopped. Returns 0 when
+        every worker stopped; raises :class:`SockworksError` when the
+        configuration cannot be served or a worker fails at start."""
+        services, grace = self.load()
+        binding = self.pool.attempt()
+        server = Server(services, grace=grace, sockets=binding)
+        try:
+            server.bind()
+            if self.after_bind is not None:
+                self.after_bind(server)
+        except BaseException:
+            self.pool.close()
+            raise
+        previous = self._install_signals()
+        try:
+            self.current = self._start_generation(server, grace, binding)
+            while not self.current.all_ready:
+                self._step()
+                if self._failure is not None:
+                    raise SockworksError(self._failure)
+                if self._stopping:
+                    break
+            if not self._stopping:
+                self.announce(list(server.endpoints))
+                self._ready_status()
+            while self._pids or not self._stopping:
+                self._step()
+            return 0
+        except BaseException:
+            self._kill_everything()
+            raise
+        finally:
+            self._restore_signals(previous)
+            self.pool.close()
+            for gen in [self.current, self.pending, *self.old]:
+                if gen is not None:
+                    for hook in self.hooks:
+                        hook.generation_ended(gen)
+
+    def _install_signals(self) -> dict[int, Any]:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            previous[sig] = signal.signal(sig, _noop)
+        previous[-1] = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        if self.notifier is not None and self.notifier.watchdog_interval:
+            self._watchdog_due = time.monotonic()
+        return previous
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(previous.pop(-1))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _step(self) -> None:
+        """Wait for the next event (a signal, a worker's readiness, a timer)
+        and handle it."""
+        now = time.monotonic()
+        events = self._selector.select(self._timeout(now))
+        for key, _ in events:
+            if key.fileobj is self._wake_r:
+                self._on_signals()
+            else:
+                self._on_ready_pipe(key.data)
+        # SIGCHLD may coalesce or arrive before the pipe closes: look anyway.
+        self._reap()
+        self._timers(time.monotonic())
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines = [t for gen in self._generations() for t in gen.due.values()]
+        for gen in self._generations():
+            for w in gen.workers.values():
+                if not w.ready:
+                    deadlines.append(w.started + READY_TIMEOUT)
+        if self._stop_deadline is not None:
+            deadlines.append(self._stop_deadline)
+        if self._watchdog_due is not None:
+            deadlines.append(self._watchdog_due)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _generations(self) -> list[Generation]:
+        return [g for g in (self.current, self.pending, *self.old) if g is not None]
+
+    # -- signals ---------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._on_stop(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self._reload_asked = True
+        if self._reload_asked and not self._stopping and self.pending is None:
+            self._reload_asked = False
+            if self.current is not None and self.current.all_ready:
+                self._reload()
+            else:
+                self._reload_asked = True  # once the workers are up
+
+    def _on_stop(self, name: str) -> None:
+        if self._stopping:
+            log.warning("%s again: the workers abort their connections now", name)
+            self._signal_all(signal.SIGTERM)
+            return
+        self._stopping = True
+        workers = len(self._pids)
+        log.info("%s received: shutting down %d worker(s)", name, workers)
+        if self.notifier is not None:
+            self.notifier.stopping()
+        # Before any worker stops: new attempts are dropped at the sockets
+        # (kept open until every worker is gone), queued ones are served.
+        self.pool.stop_accepting()
+        self._signal_all(signal.SIGTERM)
+        grace = max((g.grace for g in self._generations()), default=0.0)
+        self._stop_deadline = time.monotonic() + grace + EXIT_MARGIN
+        for gen in self._generations():
+            gen.due.clear()
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self._pids):
+            _kill(pid, signum)
+
+    # -- workers -----------------------------------------------------------
+
+    def _start_generation(self, server: Server, grace: float, binding: Binding) -> Generation:
+        self._numbers += 1
+        gen = Generation(self._numbers, server, grace, binding)
+        for hook in self.hooks:
+            hook.before_fork(gen)
+        for slot in self._free_slots(self.count):
+            self._fork(gen, slot)
+        return gen
+
+    def _free_slots(self, count: int) -> list[int]:
+        """Slots for a new generation: numbers no running worker holds, so
+        that what a worker holds in shared state is found by its slot."""
+        taken = {w.slot for w in self._pids.values()}
+        taken |= {s for g in self._generations() for s in g.due}
+        slots: list[int] = []
+        n = 0
+        while len(slots) < count:
+            if n not in taken:
+                slots.append(n)
+            n += 1
+        return slots
+
+    def _fork(self, gen: Generation, slot: int) -> None:
+        ready_r, ready_w = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_r)
+            self._become_worker(gen, slot, ready_w, parent)
+        os.close(ready_w)
+        worker = Worker(slot, pid, gen, ready_r, time.monotonic())
+        gen.workers[slot] = worker
+        self._pids[pid] = worker
+        os.set_blocking(ready_r, False)
+        self._selector.register(ready_r, selectors.EVENT_READ, worker)
+        log.debug("worker %d (pid %d) started", slot, pid)
+
+    def _become_worker(self, gen: Generation, slot: int, ready_w: int, parent: int) -> NoReturn:
+        status = 1
+        started: list[bool] = []
+        try:
+            # Nothing of the parent's loop: its signal wake-up, its selector,
+            # the other workers' pipes.
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            # Ctrl-C reaches the whole process group: the parent decides,
+            # and tells the workers with SIGTERM. Reload is the parent's too.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            for other in self._pids.values():
+                if other.ready_fd is not None:
+                    os.close(other.ready_fd)
+            _die_with_parent(parent)
+            for hook in self.hooks:
+                hook.in_worker(gen, slot)
+
+            def ready() -> None:
+                os.write(ready_w, _READY)
+                started.append(True)
+
+            status = run_worker(gen.server, ready)
+        except BaseException as exc:  # whatever it is, never back into the parent's code
+            try:
+                if not started:  # the parent says it, in one line
+                    os.write(ready_w, _FAILED + str(exc).encode(errors="replace")[:400])
+                else:
+                    log.error("worker %d failed: %s", slot, exc, exc_info=True)
+            except BaseException:  # exiting matters more than saying why
+                pass
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def _on_ready_pipe(self, worker: Worker) -> None:
+        assert worker.ready_fd is not None
+        try:
+            data = os.read(worker.ready_fd, 512)
+        except BlockingIOError:
+            return
+        if data.startswith(_READY):
+            worker.ready = True
+            log.debug("worker %d (pid %d) ready", worker.slot, worker.pid)
+            self._close_ready(worker)
+            self._after_ready(worker.generation)
+        elif data.startswith(_FAILED):
+            worker.failure = data[1:].decode(errors="replace")
+            self._close_ready(worker)
+        else:  # EOF: it died first; the reaper tells how
+            self._close_ready(worker)
+
+    def _close_ready(self, worker: Worker) -> None:
+        if worker.ready_fd is not None:
+            self._selector.unregister(worker.ready_fd)
+            os.close(worker.ready_fd)
+            worker.ready_fd = None
+
+    def _after_ready(self, gen: Generation) -> None:
+        if gen is self.pending and gen.all_ready:
+            self._switch_to(gen)
+
+    def _reap(self) -> None:
+        while self._pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self._pids.pop(pid, None)
+            if worker is None:
+                continue  # not a worker (a program a hook started)
+            self._worker_exited(worker, status)
+
+    def _worker_exited(self, worker: Worker, status: int) -> None:
+        gen = worker.generation
+        if worker.ready_fd is not None:  # what it said before it died
+            self._on_ready_pipe(worker)
+        self._close_ready(worker)
+        gen.workers.pop(worker.slot, None)
+        for hook in self.hooks:
+            hook.worker_exited(gen, worker.slot, worker.pid)
+        how = describe_status(status)
+        if self._stopping or gen.draining:
+            log.debug("worker %d (pid %d) %s", worker.slot, worker.pid, how)
+            if gen.draining and not gen.workers:
+                self._retire(gen)
+            return
+        why = worker.failure
+        what = f"worker {worker.slot} (pid {worker.pid}) {how}" + (f": {why}" if why else "")
+        if not worker.ready:
+            if gen is self.pending:
+                self._reload_failed(f"{what} before it was ready")
+                return
+            if gen is self.current and not self._started:
+                self._failure = f"{what} before it was ready; not starting"
+                return
+        self._replace_later(gen, worker, what)
+
+    @property
+    def _started(self) -> bool:
+        """The first generation was ready once (the start is over)."""
+        return bool(self.current and self.current.extra.get("started"))
+
+    def _replace_later(self, gen: Generation, worker: Worker, what: str) -> None:
+        lived = time.monotonic() - worker.started
+        if lived >= STABLE:
+            delay = 0.0
+            self._backoff.pop(worker.slot, None)
+        else:
+            last = self._backoff.get(worker.slot)
+            delay = BACKOFF_FIRST if last is None else min(BACKOFF_MAX, 2 * last)
+            self._backoff[worker.slot] = delay
+        log.error("%s; starting another in %.1f s", what, delay)
+        gen.due[worker.slot] = time.monotonic() + delay
+
+    def _timers(self, now: float) -> None:
+        for gen in self._generations():
+            for slot, when in list(gen.due.items()):
+                if when <= now and not self._stopping:
+                    del gen.due[slot]
+                    self._fork(gen, slot)
+            for worker in list(gen.workers.values()):
+                if not worker.ready and now - worker.started > READY_TIMEOUT:
+                    log.error("worker %d (pid %d) not ready after %.0f s; killing it",
+                              worker.slot, worker.pid, READY_TIMEOUT)
+                    worker.failure = f"not ready after {READY_TIMEOUT:.0f} s"
+                    worker.started = float("inf")  # once
+                    _kill(worker.pid, signal.SIGKILL)
+        if self._stop_deadline is not None and now >= self._stop_deadline and not self._killed:
+            self._killed = True
+            log.error("%d worker(s) still running after the grace period; killing them",
+                      len(self._pids))
+            self._signal_all(signal.SIGKILL)
+        if self._watchdog_due is not None and now >= self._watchdog_due:
+            assert self.notifier is not None and self.notifier.watchdog_interval
+            self.notifier.watchdog()
+            self._watchdog_due = now + self.notifier.watchdog_interval
+
+    def _kill_everything(self) -> None:
+        """Start failed or the parent is going down abnormally: no worker
+        outlives it."""
+        self._signal_all(signal.SIGKILL)
+        for pid in list(self._pids):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self._pids.clear()
+
+    # -- reload ------------------------------------------------------------
+
+    def _reload(self) -> None:
+        if self.notifier is not None:
+            self.notifier.reloading()
+        log.info("SIGHUP received: reloading the configuration")
+        try:
+            services, grace = self.load()
+            if self.check is not None:
+                self.check(services)
+        except SockworksError as exc:
+            self._reload_refused(str(exc))
+            return
+        binding = self.pool.attempt()
+        server = Server(services, grace=grace, sockets=binding)
+        try:
+            server.bind()
+        except (SockworksError, OSError) as exc:
+            binding.rollback()
+            self._reload_refused(str(exc))
+            return
+        self.pending = self._start_generation(server, grace, binding)
+
+    def _reload_refused(self, why: str) -> None:
+        log.error("reload failed: %s; still serving the configuration loaded before", why)
+        self._ready_status()
+
+    def _reload_failed(self, why: str) -> None:
+        gen = self.pending
+        assert gen is not None
+        self.pending = None
+        gen.draining = True
+        gen.due.clear()
+        for worker in gen.workers.values():
+            _kill(worker.pid, signal.SIGTERM)
+        self.old.append(gen)
+        gen.binding.rollback()
+        if not gen.workers:
+            self._retire(gen)
+        self._reload_refused(why)
+
+    def _switch_to(self, gen: Generation) -> None:
+        """The new generation is ready: the old one stops accepting and drains."""
+        old = self.current
+        assert old is not None
+        self.pending = None
+        self.current = gen
+        old.draining = True
+        old.due.clear()
+        self.old.append(old)
+        # Sockets no longer configured: attempts are dropped from now on;
+        # what is queued the old workers still serve before they exit.
+        kept = set(gen.binding.keys)
+        self.pool.stop_accepting([k for k in old.binding.keys if k not in kept])
+        for worker in old.workers.values():
+            _kill(worker.pid, signal.SIGTERM)
+        if not old.workers:
+            self._retire(old)
+        added = [
+            (name, endpoint)
+            for (name, endpoint), key in zip(gen.server.endpoints, gen.binding.keys, strict=True)
+            if key in gen.binding.new
+        ]
+        if added:
+            self.announce(added)
+        log.info("reloaded: %d new worker(s) serving; the old ones finish their connections",
+                 len(gen.workers))
+        self._ready_status()
+
+    def _retire(self, gen: Generation) -> None:
+        """Every worker of a draining generation has exited."""
+        if gen in self.old:
+            self.old.remove(gen)
+        in_use = {k for g in self._generations() for k in g.binding.keys}
+        self.pool.close([k for k in gen.binding.keys if k not in in_use])
+        for hook in self.hooks:
+            hook.generation_ended(gen)
+
+    def _ready_status(self) -> None:
+        gen = self.current
+        if gen is not None:
+            gen.extra["started"] = True
+        if self.notifier is None or gen is None:
+            return
+        where = ", ".join(f"{name} on {endpoint}" for name, endpoint in gen.server.endpoints)
+        self.notifier.ready(f"{len(gen.workers)} worker(s) serving {where}")
+
+
+def run_worker(server: Server, on_ready: Callable[[], None]) -> int:
+    """A worker's life: a fresh event loop, serve until SIGTERM (a second
+    SIGTERM aborts the connections left), then exit status 0."""
+    from ._run import new_event_loop
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(server, on_ready))
+    finally:
+        loop.close()
+    return 0
+
+
+async def _serve(server: Server, on_ready: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    await server.start()
+    on_ready()
+    stopping = False
+
+    def on_term() -> None:
+        nonlocal stopping
+        if stopping:
+            for group in server.groups:
+                for conn in list(group.live):
+                    conn.abort()
+            return
+        stopping = True
+        server.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        await server.wait_stopped()
+        await server.shutdown()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def describe_status(status: int) -> str:
+    """``exited with status 1`` or ``was killed by SIGKILL``."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _noop(signum: int, frame: object) -> None:
+    """The wake-up socket carries the signal; the handler itself does nothing."""
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose parent is killed outright (SIGKILL, OOM) stops too,
+    rather than serve on unsupervised: Linux's parent-death signal."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+

@@ -1,0 +1,272 @@
+"""Worker processes (issue 10): the parent binds once, forks workers that
+accept on the shared sockets, replaces the ones that die, stops them all
+on SIGTERM and reloads on SIGHUP without refusing a connection."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CLIProcess, connect, recv_all, run_cli
+
+from sockworks import Endpoint
+
+# An async handler that answers with the pid of the worker serving it,
+# and the text of ANSWER (to tell configurations apart).
+PID_APP = """
+import os
+ANSWER = "one"
+
+async def handle(stream):
+    await stream.write(f"{os.getpid()} {ANSWER}\\n".encode())
+"""
+
+
+def children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def ask(endpoint: Endpoint, data: bytes = b"") -> bytes:
+    with connect(endpoint) as sock:
+        if data:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def served_by(endpoint: Endpoint) -> int:
+    return int(ask(endpoint).split()[0])
+
+
+def start_pid_app(cli: type[CLIProcess], tmp_path: Path, *extra: str) -> CLIProcess:
+    (tmp_path / "pidapp.py").write_text(textwrap.dedent(PID_APP), encoding="utf-8")
+    return cli(["serve", "pidapp:handle", "--app-dir", str(tmp_path),
+                "-l", "tcp:127.0.0.1:0", *extra])
+
+
+def test_two_workers_share_the_listener_and_each_accepts(
+    cli: type[CLIProcess], tmp_path: Path
+) -> None:
+    server = start_pid_app(cli, tmp_path, "--workers", "2")
+    [endpoint] = server.wait_listening(1)
+    workers = children(server.proc.pid)
+    assert len(workers) == 2, workers
+    # The parent prints each listening line once.
+    assert sum("listening on" in line for line in server.lines) == 1
+    # Each worker accepts on the shared socket: with the other one stopped,
+    # it serves every connection.
+    for stopped in workers:
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            pids = {served_by(endpoint) for _ in range(5)}
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert pids == workers - {stopped}
+    assert server.stop() == 0
+
+
+def test_a_dead_worker_is_logged_and_replaced(cli: type[CLIProcess], tmp_path: Path) -> None:
+    server = start_pid_app(cli, tmp_path, "--workers", "2")
+    [endpoint] = server.wait_listening(1)
+    first = children(server.proc.pid)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(rf"worker \d \(pid {victim}\) was killed by SIGKILL; starting another")
+    # The replacement is up when a connection is served with the survivor stopped.
+    survivor = max(first)
+    server.wait_for(r"worker \d \(pid \d+\) ready|starting another")
+    os.kill(survivor, signal.SIGSTOP)
+    try:
+        replacement = served_by(endpoint)
+    finally:
+        os.kill(survivor, signal.SIGCONT)
+    assert replacement not in first
+    assert children(server.proc.pid) == {survivor, replacement}
+    os.kill(replacement, signal.SIGTERM)  # any exit, not only a crash
+    server.wait_for(rf"worker \d \(pid {replacement}\) exited with status 0; starting another")
+    assert server.stop() == 0
+
+
+BAD_DRIVER = """
+from sockworks import ProtocolDriver, StreamProtocol
+
+class Failing(ProtocolDriver):
+    def connection_factory(self, group):
+        raise RuntimeError("cannot start: the database is down")
+
+driver = Failing(StreamProtocol)
+"""
+
+
+def test_a_worker_failing_at_start_fails_the_start(tmp_path: Path) -> None:
+    (tmp_path / "badapp.py").write_text(textwrap.dedent(BAD_DRIVER), encoding="utf-8")
+    result = run_cli("serve", "badapp:driver", "--app-dir", str(tmp_path),
+                     "-l", "tcp:127.0.0.1:0", "--workers", "3")
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("sockworks: error: worker "), err
+    assert "before it was ready; not starting" in lines[-1]
+    assert "the database is down" in lines[-1]
+    assert "Traceback" not in err
+    assert "listening on" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1.5"])
+def test_bad_worker_counts_are_one_line(value: str) -> None:
+    result = run_cli("serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", value)
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "--workers" in err, err
+
+
+def test_auto_is_one_worker_per_cpu(cli: type[CLIProcess]) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "auto"])
+    server.wait_listening(1)
+    assert len(children(server.proc.pid)) == len(os.sched_getaffinity(0))
+    assert server.stop() == 0
+
+
+def test_sigterm_drains_every_worker_then_exits_zero(cli: type[CLIProcess]) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2", "--grace", "5"])
+    [endpoint] = server.wait_listening(1)
+    workers = children(server.proc.pid)
+    # A connection in the middle of its work when the signal comes.
+    busy = connect(endpoint)
+    busy.sendall(b"before ")
+    assert busy.recv(100) == b"before "
+    server.send_signal(signal.SIGTERM)
+    server.wait_for("SIGTERM received: shutting down 2 worker")
+    busy.sendall(b"after")
+    busy.shutdown(socket.SHUT_WR)
+    assert recv_all(busy) == b"after"  # served to the end, then a clean EOF
+    busy.close()
+    assert server.stop(timeout=15) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text()
+
+
+def wait_count(server: CLIProcess, text: str, n: int, timeout: float = 20.0) -> None:
+    """Until ``text`` has appeared on ``n`` stderr lines."""
+    wait_until(lambda: sum(text in line for line in list(server.lines)) >= n, timeout)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def config(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+def test_workers_from_a_config_file_and_reload(cli: type[CLIProcess], tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text("the first quote\n", encoding="utf-8")
+    (tmp_path / "two.txt").write_text("the second quote\n", encoding="utf-8")
+    conf = config(tmp_path / "s.toml", """
+        [server]
+        workers = 2
+        [services.qotd]
+        listen = ["tcp:127.0.0.1:0"]
+        quotes = "one.txt"
+    """)
+    server = cli(["serve", "--config", str(conf)])
+    [endpoint] = server.wait_listening(1)
+    old = children(server.proc.pid)
+    assert len(old) == 2
+    assert b"the first quote" in ask(endpoint)
+    # The same listener (port 0 in the file: the socket is kept), new quotes,
+    # and a new listener.
+    conf.write_text(textwrap.dedent("""
+        [server]
+        workers = 2
+        [services.qotd]
+        listen = ["tcp:127.0.0.1:0"]
+        quotes = "two.txt"
+        [services.echo]
+        listen = ["tcp:127.0.0.1:0"]
+    """), encoding="utf-8")
+    server.send_signal(signal.SIGHUP)
+    server.wait_for("reloaded: 2 new worker")
+    assert b"the second quote" in ask(endpoint)
+    [echo] = server.wait_listening(2)[1:]
+    assert ask(echo, b"new") == b"new"
+    new = children(server.proc.pid)
+    server.wait_for("echo listening on")
+    assert len(new - old) == 2
+    # A broken file: one line, and the running configuration stays.
+    conf.write_text("[services.qotd]\nlisten = 7\n", encoding="utf-8")
+    server.send_signal(signal.SIGHUP)
+    failed = server.wait_for(r"reload failed: .*; still serving the configuration loaded before")
+    assert "services.qotd.listen" in failed.string
+    assert b"the second quote" in ask(endpoint)
+    assert ask(echo, b"still") == b"still"
+    # The listener removed: closed once its workers are gone.
+    conf.write_text(textwrap.dedent("""
+        [server]
+        workers = 2
+        [services.qotd]
+        listen = ["tcp:127.0.0.1:0"]
+        quotes = "two.txt"
+    """), encoding="utf-8")
+    server.send_signal(signal.SIGHUP)
+    wait_count(server, "reloaded: 2 new worker", 2)
+    assert b"the second quote" in ask(endpoint)
+    assert server.stop() == 0
+    with pytest.raises(ConnectionRefusedError):
+        connect(echo).close()
+
+
+def test_reload_under_load_refuses_and_resets_nothing(cli: type[CLIProcess]) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2"])
+    [endpoint] = server.wait_listening(1)
+    done = threading.Event()
+    ok = [0]
+    errors: list[str] = []
+
+    def load() -> None:
+        while not done.is_set():
+            try:
+                with socket.create_connection((endpoint.host, endpoint.port), timeout=5) as s:
+                    s.sendall(b"ping")
+                    s.shutdown(socket.SHUT_WR)
+                    answer = recv_all(s)
+                if answer != b"ping":
+                    errors.append(f"answer {answer!r}")
+                else:
+                    ok[0] += 1
+            except OSError as exc:
+                errors.append(f"{errno.errorcode.get(exc.errno or 0, exc)}: {exc}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(1, 4):
+            before = ok[0]
+            server.send_signal(signal.SIGHUP)
+            wait_count(server, "reloaded: 2 new worker", n)
+            # The old workers drain and exit while the load goes on.
+            wait_until(lambda: len(children(server.proc.pid)) == 2)
+            assert ok[0] > before
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:5]
+    assert ok[0] > 0
+    assert server.stop() == 0
