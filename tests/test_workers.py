@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,12 +19,13 @@ from pathlib import Path
 import pytest
 from conftest import CLIProcess, connect, recv_all, run_cli
 
-from sockworks import Endpoint
+from sockworks import Endpoint, parse_endpoint
 
 # An async handler that answers with the pid of the worker serving it,
 # and the text of ANSWER (to tell configurations apart).
 PID_APP = """
 import os
+import re
 ANSWER = "one"
 
 async def handle(stream):
@@ -269,4 +271,94 @@ def test_reload_under_load_refuses_and_resets_nothing(cli: type[CLIProcess]) -> 
             t.join()
     assert not errors, errors[:5]
     assert ok[0] > 0
+    assert server.stop() == 0
+
+
+# One exchange per built-in service: what to send, and what the answer holds.
+EXCHANGES: dict[str, tuple[bytes, bytes]] = {
+    "echo": (b"hello", b"hello"),
+    "discard": (b"gone", b""),
+    "daytime": (b"", b"\r\n"),
+    "time": (b"", b""),
+    "qotd": (b"", b"\n"),
+    "chargen": (b"", b"!\"#$%"),
+    "timestamp": (b"stamp", b"] stamp"),
+    "greeting": (b"1", b"welcome to server!"),
+    "thanks": (b"", b"thank"),
+    "charcount": (b"four\r\n", b"4"),
+    "gopher": (b"\r\n", b"\r\n."),
+    "exec": (b"through cat", b"through cat"),
+}
+
+
+def test_every_builtin_service_and_style_under_workers(
+    cli: type[CLIProcess], tmp_path: Path
+) -> None:
+    tables = []
+    for name in EXCHANGES:
+        extra = 'exec = ["cat"]\n' if name == "exec" else ""
+        tables.append(f'[services.{name}]\nlisten = ["tcp:127.0.0.1:0"]\n{extra}')
+    conf = config(tmp_path / "all.toml", "[server]\nworkers = 2\n\n" + "\n".join(tables))
+    server = cli(["serve", "--config", str(conf)])
+    server.wait_listening(len(EXCHANGES))
+    where = {
+        m.group(1): parse_endpoint(m.group(2))
+        for line in server.lines
+        if (m := re.search(r"sockworks: (\S+) listening on (\S+)", line))
+    }
+    for name, (send, expect) in EXCHANGES.items():
+        with connect(where[name]) as sock:
+            if send:
+                sock.sendall(send)
+            if name not in ("chargen",):
+                sock.shutdown(socket.SHUT_WR)
+                answer = recv_all(sock)
+            else:
+                answer = sock.recv(100)
+        assert expect in answer, (name, answer)
+        if name == "time":
+            assert len(answer) == 4
+    assert server.stop() == 0
+
+
+def test_tls_and_proxy_listeners_under_workers_and_a_renewed_certificate(
+    cli: type[CLIProcess], tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+
+    from sockworks import Peer
+    from sockworks.proxy import encode_v1
+
+    ca = trustme.CA()
+    cert = tmp_path / "cert.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    server = cli(["serve", "echo", "-l", "tls:127.0.0.1:0", "-l", "tcp:127.0.0.1:0",
+                  "--cert", str(cert), "--proxy-protocol", "v1", "--proxy-from", "127.0.0.1",
+                  "--workers", "2"])
+    tls_ep, plain = server.wait_listening(2)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+
+    def tls_serial() -> int:
+        raw = connect(tls_ep)
+        raw.sendall(encode_v1(Peer("203.0.113.9", 4000), Peer("127.0.0.1", tls_ep.port)))
+        with client.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"secret")
+            assert s.recv(100) == b"secret"
+            der = s.getpeercert(binary_form=True)
+            assert der is not None
+            return hash(der)
+
+    first = tls_serial()
+    server.wait_for(r"203\.0\.113\.9:4000 closed")  # the header's address, in a worker
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    server.send_signal(signal.SIGHUP)
+    server.wait_for("reloaded: 2 new worker")
+    assert tls_serial() != first  # the new workers read the new certificate
+    with connect(plain) as s:
+        s.sendall(encode_v1(Peer("198.51.100.1", 5), Peer("127.0.0.1", plain.port)) + b"plain")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"plain"
     assert server.stop() == 0
