@@ -302,6 +302,16 @@ class Supervisor:
         # SIGCHLD may coalesce or arrive before the pipe closes: look anyway.
         self._reap()
         self._timers(time.monotonic())
+        if (
+            self._reload_asked
+            and not self._stopping
+            and self.pending is None
+            and self.current is not None
+            and self.current.all_ready
+            and self._started
+        ):
+            self._reload_asked = False
+            self._reload()
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [t for gen in self._generations() for t in gen.due.values()]
@@ -331,13 +341,9 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._on_stop(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
+                # Done once the workers are up and no other reload is
+                # starting (see _step): SIGHUPs meanwhile make one reload.
                 self._reload_asked = True
-        if self._reload_asked and not self._stopping and self.pending is None:
-            self._reload_asked = False
-            if self.current is not None and self.current.all_ready:
-                self._reload()
-            else:
-                self._reload_asked = True  # once the workers are up
 
     def _on_stop(self, name: str) -> None:
         if self._stopping:
@@ -465,7 +471,7 @@ class Supervisor:
             worker.ready_fd = None
 
     def _after_ready(self, gen: Generation) -> None:
-        if gen is self.pending and gen.all_ready:
+        if gen is self.pending and gen.all_ready and not self._stopping:
             self._switch_to(gen)
 
     def _reap(self) -> None:
