@@ -35,5 +35,10 @@ bench: $(STAMP)
 bench-paths: $(STAMP)
 	$(BIN)/python benchmarks/paths_bench.py $(BENCH_ARGS)
 
+# Worker processes: CPU per request at 1 and N workers, shared socket vs SO_REUSEPORT.
+.PHONY: bench-workers
+bench-workers: $(STAMP)
+	$(BIN)/python benchmarks/workers_bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -166,3 +166,50 @@ def test_tls_python_load_worker_runs(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["load"] == "python"
     assert results["results"]["uvloop-tls"]["echo 100 B x4"]["rate"] > 0
+
+
+WORKERS_BENCH = ROOT / "benchmarks" / "workers_bench.py"
+
+
+@pytest.mark.timeout(60)
+def test_workers_quick_run_measures_workers_balance_and_resets(tmp_path: Path) -> None:
+    """workers_bench --quick on 1 and 2 workers (pinned as the CPU target
+    wants), the plain shared-socket and SO_REUSEPORT servers, and the reset
+    check: everything measured, the target rows and tables printed."""
+    _require(
+        shutil.which("gcc") is not None or shutil.which("cc") is not None,
+        "gcc is not installed (apt-get install gcc): the benchmark compiles its C load generators",
+    )
+    sources = [ROOT.parent / "shared" / "bench", Path(os.environ.get("SOCKWORKS_BENCH_SRC", "-"))]
+    _require(
+        any((s / "connload.c").is_file() and (s / "echoload.c").is_file() for s in sources),
+        "shared/bench/connload.c and echoload.c are not beside the repository",
+    )
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS_BENCH), "--quick", "--duration", "0.1", "--workers", "2",
+         "--only", "core,balance,reset", "--json", str(out)],
+        capture_output=True, text=True, timeout=50, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("| workers-1 ", "| workers-2 ", "| shared-2-pinned ", "| reuseport-2-pinned ",
+                "| reuseport, parent keeps a copy "):
+        assert row in proc.stdout, proc.stdout
+    results = json.loads(out.read_text())
+    assert not results["failed"], results["failed"]
+    for name in ("single", "workers-1", "workers-2", "plain-1-pinned", "shared-2-pinned",
+                 "reuseport-2-pinned"):
+        for load in ("connect", "echo"):
+            (measured,) = results["samples"][name][load].values()
+            assert measured["rate"] > 0 and measured["errors"] == 0, (name, load, measured)
+    # Two serving processes: a CPU share (sockworks) or counts (plain) for each.
+    (two,) = results["samples"]["workers-2"]["connect"].values()
+    assert len(two["worker_cpu"]) == 2
+    (plain,) = results["samples"]["reuseport-2-pinned"]["connect"].values()
+    assert len(plain["conns"]) == 2 and sum(plain["conns"]) > 0
+    assert [row[1] for row in results["targets"]] == ["connect", "echo"]
+    assert all(row[-1] in ("PASS", "MISS", "n/a") for row in results["targets"])
+    # Every queued connection is accounted for: served, reset, or waiting.
+    assert len(results["resets"]) == 3
+    for r in results["resets"]:
+        assert r["served"] + r["reset"] + r["waiting"] == r["connections"], r
