@@ -30,6 +30,7 @@ and is raised as :class:`ConfigError`; nothing is half-configured.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -440,6 +441,7 @@ def build_service(
             reason = getattr(exc, "strerror", None) or str(exc)
             raise ConfigError(f"{prefix}quotes: cannot read {str(path)!r}: {reason}") from None
         extra["quotes"] = attempt("quotes", lambda: parse_quotes(text, str(path)))
+        extra["quotes_file"] = os.path.abspath(path)  # checked as --user at start
     if "listen" in s and not s["listen"]:
         raise ConfigError(f"{prefix}listen: a service needs at least one endpoint")
     if not s.get("listen") and is_app_reference(kind) and kind not in SERVICES:

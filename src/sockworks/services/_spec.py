@@ -11,6 +11,7 @@ from typing import Any
 from .._access import AccessPolicy
 from .._config import Limits
 from .._drivers import ProtocolDriver
+from .._privileges import RequiredPath
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class ServiceOptions:
     clock: Callable[[], float] = time.time
     # qotd: the quotes to serve (None: the built-in set).
     quotes: tuple[bytes, ...] | None = None
+    # qotd: the file they came from, read again on reload: checked at start
+    # as the user --user drops to (see _privileges.py).
+    quotes_file: str | None = None
     # Random choices (chargen lengths, qotd quotes): injected for tests.
     random: random.Random = field(default_factory=random.Random)
     # The access policy the service runs under: UDP services that size
@@ -58,6 +62,20 @@ class ServiceSpec:
 
     def default_limits(self) -> Limits:
         return Limits().updated(**self.limits)
+
+
+class FileReadingDriver(ProtocolDriver):
+    """A :class:`ProtocolDriver` that names the files its service reads
+    (qotd's quotes), so that they are checked at start as the user the
+    server drops to (:class:`sockworks._privileges.UsesPaths`)."""
+
+    def __init__(self, stream: Any = None, datagram: Any = None, *,
+                 paths: tuple[RequiredPath, ...] = ()) -> None:
+        super().__init__(stream=stream, datagram=datagram)
+        self.paths = paths
+
+    def required_paths(self) -> tuple[RequiredPath, ...]:
+        return self.paths
 
 
 def stream_only(factory: Callable[[ServiceOptions], Any]) -> Callable[[ServiceOptions], Any]:

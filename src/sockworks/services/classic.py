@@ -8,8 +8,9 @@ without root. The clock and the random source come from
 from __future__ import annotations
 
 from .._drivers import ProtocolDriver
+from .._privileges import RequiredPath
 from ..protocols import classic
-from ._spec import ServiceOptions, ServiceSpec
+from ._spec import FileReadingDriver, ServiceOptions, ServiceSpec
 
 
 def _allowance(o: ServiceOptions) -> classic.Allowance | None:
@@ -18,6 +19,19 @@ def _allowance(o: ServiceOptions) -> classic.Allowance | None:
 
 def _quotes(o: ServiceOptions) -> tuple[bytes, ...]:
     return o.quotes or classic.DEFAULT_QUOTES
+
+
+def _qotd(o: ServiceOptions) -> ProtocolDriver:
+    # The quotes file was read at start (as root, with --user): it is read
+    # again on reload, as the user, so it is named for the check at start.
+    stream = lambda: classic.Qotd(_quotes(o), o.random.randrange)  # noqa: E731
+    datagram = lambda: classic.QotdDatagram(  # noqa: E731
+        _quotes(o), o.random.randrange, _allowance(o)
+    )
+    if o.quotes_file is None:
+        return ProtocolDriver(stream=stream, datagram=datagram)
+    return FileReadingDriver(stream=stream, datagram=datagram,
+                             paths=(RequiredPath(o.quotes_file, "quotes file"),))
 
 
 CLASSIC_SERVICES: tuple[ServiceSpec, ...] = (
@@ -50,10 +64,7 @@ CLASSIC_SERVICES: tuple[ServiceSpec, ...] = (
         "qotd",
         "RFC 865 quote of the day: one quote, then close (--quotes FILE)",
         ("tcp:127.0.0.1:7017", "udp:127.0.0.1:7017"),
-        lambda o: ProtocolDriver(
-            stream=lambda: classic.Qotd(_quotes(o), o.random.randrange),
-            datagram=lambda: classic.QotdDatagram(_quotes(o), o.random.randrange, _allowance(o)),
-        ),
+        _qotd,
         try_it="nc 127.0.0.1 7017",
     ),
     ServiceSpec(

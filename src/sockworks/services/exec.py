@@ -16,6 +16,7 @@ from typing import Any
 from .._drivers.exec import ExecCommand, ExecDriver, check_env_name, make_command
 from .._endpoint import Endpoint
 from .._errors import ConfigError
+from .._privileges import RequiredPath
 from ._spec import ServiceOptions, ServiceSpec
 
 # Programs running at once, by default (systemd's MaxConnections=64): a
@@ -125,11 +126,36 @@ def exec_options(
     return ExecOptions(**kept, command=command)
 
 
+class ExecServiceDriver(ExecDriver):
+    """The exec service's driver: names the program and the working
+    directory, so that both are checked at start as the user ``--user``
+    drops to (the program then runs as that user: a process inherits its
+    ids), not at each connection (see _privileges.py)."""
+
+    def required_paths(self) -> tuple[RequiredPath, ...]:
+        command = self.command
+        # A script is read by its interpreter, as the user: read and run.
+        paths = [RequiredPath(command.program, "program", "run")]
+        if _is_script(command.program):
+            paths.append(RequiredPath(command.program, "script", "read"))
+        if command.workdir is not None:
+            paths.append(RequiredPath(command.workdir, "working directory", "enter"))
+        return tuple(paths)
+
+
+def _is_script(program: str) -> bool:
+    try:
+        with open(program, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
 def build(options: ServiceOptions) -> ExecDriver:
     command = options.command if isinstance(options, ExecOptions) else None
     if command is None:
         raise ConfigError(f"exec: no program to run ({USAGE})")
-    return ExecDriver(command)
+    return ExecServiceDriver(command)
 
 
 EXEC_SERVICES: tuple[ServiceSpec, ...] = (

@@ -11,6 +11,7 @@ from .._core import Driver
 from .._drivers import ProtocolDriver
 from .._endpoint import split_host_port
 from .._errors import ConfigError, EndpointError
+from .._privileges import RequiredPath
 from ..gopher.fsroot import FileSystemRoot
 from ..gopher.scripts import DEFAULT_TIMEOUT, ScriptRunner
 from ..protocols.gopher import GopherProtocol, GopherSite
@@ -88,14 +89,21 @@ class GopherDriver(ProtocolDriver):
     still running past the grace period, so that their threads end."""
 
     def __init__(self, stream: Callable[[], GopherProtocol], served: str,
-                 scripts: ScriptRunner | None = None) -> None:
+                 scripts: ScriptRunner | None = None, root: str | None = None) -> None:
         super().__init__(stream=stream)
         self.served = served
         self.scripts = scripts
+        self.root = root
 
     def connection_factory(self, group: ConnectionGroup) -> Callable[[], asyncio.Protocol] | None:
         group.log.info("serving %s", self.served)
         return super().connection_factory(group)
+
+    def required_paths(self) -> tuple[RequiredPath, ...]:
+        """The root, listed on every request: checked at start as the user
+        ``--user`` drops to, so that an unreadable root is one line then,
+        not an error page per request (see _privileges.py)."""
+        return (RequiredPath(self.root, "gopher root", "list"),) if self.root else ()
 
     def close(self) -> None:
         if self.scripts is not None:
@@ -128,7 +136,7 @@ def build(options: ServiceOptions) -> Driver:
     )
     if scripts is not None:
         served += f"; executable files run as pages (--exec-scripts, {scripts.timeout:g} s each)"
-    return GopherDriver(lambda: GopherProtocol(site), served, scripts)
+    return GopherDriver(lambda: GopherProtocol(site), served, scripts, root.directory)
 
 
 GOPHER_SERVICES: tuple[ServiceSpec, ...] = (
