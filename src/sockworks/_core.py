@@ -35,6 +35,8 @@ from ._access import AccessControl, LogThrottle
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
 from ._errors import ConnectionClosed, IdleTimeout, LocalProtocolError
+from ._logformat import service_logger
+from ._metrics import ServiceCounts, close_reason, drop_reason, refuse_reason
 from ._protocol import Peer
 from ._sockets import BoundSocket
 
@@ -303,7 +305,9 @@ class ConnectionGroup:
         self.limits = limits or Limits()
         self.options = options or SocketOptions()
         self.access = access
-        self.log = logging.getLogger(f"sockworks.{name}")
+        self.log = service_logger(name)
+        # What metrics report (see _metrics.py): plain counters, bumped here.
+        self.counts = ServiceCounts()
         self.live: set[Connection] = set()
         self.max_connections = driver.max_connections(self.limits)
         self.shutting_down = False
@@ -346,21 +350,45 @@ class ConnectionGroup:
         return False
 
     def refused(self, peer: Peer, reason: str, *, datagram: bool = False) -> None:
-        """Log a refused connection or a dropped datagram: at most one line a
-        second per source and reason, a few a second in all, and what was
-        not logged summed up within a second ("(and N more like it)")."""
+        """Count and log a refused connection or a dropped datagram: at most
+        one line a second per source and reason, a few a second in all, and
+        what was not logged summed up within a second ("(and N more like it)")."""
+        if datagram:
+            self.counts.dropped[drop_reason(reason)] += 1
+        else:
+            self.counts.refused[refuse_reason(reason)] += 1
         event = "datagram dropped" if datagram else "refused"
         # A Unix peer has no host: its path (or "unix-peer") is its source.
         suppressed = self._refusals.check((peer.host or str(peer), event, reason))
         if suppressed is not None:
             more = f" (and {suppressed} more like it)" if suppressed else ""
-            self.log.info("%s %s: %s%s", peer, event, reason, more)
+            self.log.info(
+                "%s %s: %s%s", peer, event, reason, more,
+                extra={"event": "dropped" if datagram else "refused", "peer": peer,
+                       "reason": reason},
+            )
+
+    def count_refused(self, bucket: str) -> None:
+        """A connection that failed before it started (a bad PROXY header, a
+        TLS handshake), logged by the listener: ``bucket`` of REFUSE_REASONS."""
+        self.counts.refused[bucket] += 1
+
+    def count_dropped(self, bucket: str) -> None:
+        """A datagram dropped without a refusal line: ``bucket`` of DROP_REASONS."""
+        self.counts.dropped[bucket] += 1
+
+    def count_handler_error(self) -> None:
+        self.counts.handler_errors += 1
 
     def opened(self, conn: Connection) -> None:
         """``conn`` was admitted and starts now."""
         self.live.add(conn)
         self._idle.clear()
-        self.log.info("%s connected", conn.stats.peer)
+        self.counts.opened += 1
+        log = self.log
+        if log.isEnabledFor(logging.INFO):
+            peer = conn.stats.peer
+            log.info("%s connected", peer, extra={"event": "connected", "peer": peer})
         if len(self.live) >= self.max_connections:
             for listener in self.listeners:
                 listener.pause()
@@ -375,20 +403,32 @@ class ConnectionGroup:
             return
         self.live.discard(conn)
         stats = conn.stats
+        # Counted before the closing line: who reads that line finds it counted.
+        counts = self.counts
+        reason = stats.reason
+        counts.closed["normal" if reason is None else close_reason(reason)] += 1
+        counts.bytes_in += stats.bytes_in
+        counts.bytes_out += stats.bytes_out
         if self.access is not None:
             self.access.release_connection(stats.peer.host)
         log = self.log
         if log.isEnabledFor(logging.INFO):
-            why = f" ({stats.reason})" if stats.reason else ""
+            why = f" ({reason})" if reason else ""
             if stats.note is not None:
                 why += f", asked {stats.note}"
+            duration = time.monotonic() - stats.started
             log.info(
                 "%s closed after %.3f s, %d B in, %d B out%s",
                 stats.peer,
-                time.monotonic() - stats.started,
+                duration,
                 stats.bytes_in,
                 stats.bytes_out,
                 why,
+                extra={
+                    "event": "closed", "peer": stats.peer, "duration": round(duration, 3),
+                    "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
+                    "reason": reason, "request": stats.note,
+                },
             )
         held = self._held
         while held and len(self.live) < self.max_connections:

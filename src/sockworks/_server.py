@@ -241,6 +241,13 @@ class _SocketListener:
         self.sock.close()
 
 
+def _failed_start(group: ConnectionGroup, peer: Peer, bucket: str, what: str) -> None:
+    """A connection that never started (its PROXY header or TLS handshake
+    failed): counted as refused (``bucket``), and one line."""
+    group.count_refused(bucket)
+    group.log.info("%s %s", peer, what, extra={"event": "refused", "peer": peer, "reason": what})
+
+
 class _SecureListener(_SocketListener):
     """A listener with layers before the protocol: the PROXY header, then
     TLS (the order DESIGN.md gives; the header is never read inside TLS).
@@ -291,7 +298,6 @@ class _SecureListener(_SocketListener):
 
     async def _start(self, sock: socket.socket, peer: Peer) -> None:
         group = self.group
-        log = group.log
         admitted = started = False
         try:
             if self.proxy is not None:
@@ -333,19 +339,25 @@ class _SecureListener(_SocketListener):
             )
             started = True
         except TimeoutError:
-            what = "PROXY header" if self.proxy is not None and not admitted else "TLS handshake"
-            log.info("%s %s timed out", peer, what)
+            if self.proxy is not None and not admitted:
+                _failed_start(group, peer, "proxy_timeout", "PROXY header timed out")
+            else:
+                _failed_start(group, peer, "tls_timeout", "TLS handshake timed out")
         except ConnectionAbortedError as exc:
             if self.tls is not None and "handshake" in str(exc):
-                log.info("%s TLS handshake timed out after %g s", peer, self.tls.handshake_timeout)
+                _failed_start(group, peer, "tls_timeout",
+                              f"TLS handshake timed out after {self.tls.handshake_timeout:g} s")
             else:
-                log.info("%s left before the connection started: %s", peer, exc)
+                _failed_start(group, peer, "left_early",
+                              f"left before the connection started: {exc}")
         except ProxyHeaderError as exc:
-            log.info("%s bad PROXY header: %s", peer, exc.reason)
+            _failed_start(group, peer, "bad_proxy_header", f"bad PROXY header: {exc.reason}")
         except ssl.SSLError as exc:
-            log.info("%s TLS handshake failed: %s", peer, tls_failure_reason(exc))
+            _failed_start(group, peer, "tls_failed",
+                          f"TLS handshake failed: {tls_failure_reason(exc)}")
         except (ConnectionError, OSError) as exc:
-            log.info("%s left before the connection started: %s", peer, exc.strerror or exc)
+            _failed_start(group, peer, "left_early",
+                          f"left before the connection started: {exc.strerror or exc}")
         finally:
             self.starting -= 1
             group.starting -= 1

@@ -33,6 +33,7 @@ from .._errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from .._metrics import ServiceCounts, drop_reason
 from .._protocol import Peer
 from .._sockets import BoundSocket, format_peer
 from ._common import DatagramSocket, send_datagram
@@ -451,8 +452,12 @@ class DatagramConnection:
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
         budget: int | None = None,
+        counts: ServiceCounts | None = None,
     ) -> None:
         self.peer = format_peer(addr)
+        self._size = len(data)
+        self._counts = counts
+        self.answered = False
         self._data: bytes | None = data
         self._addr = addr
         self._transport = transport
@@ -476,9 +481,19 @@ class DatagramConnection:
                     f" ({self._budget} B left)"
                 )
             self._budget -= len(data)
-        self._loop.call_soon_threadsafe(
-            send_datagram, self._transport, self._sock, bytes(data), self._addr
-        )
+        # The request's bytes count once, with its first reply.
+        size = 0 if self.answered else self._size
+        self.answered = True
+        self._loop.call_soon_threadsafe(self._send, bytes(data), size)
+
+    def _send(self, data: bytes, request_size: int) -> None:
+        """On the loop: counted, then sent (who has the reply finds it counted)."""
+        counts = self._counts
+        if counts is not None:
+            counts.answered += 1
+            counts.bytes_in += request_size
+            counts.bytes_out += len(data)
+        send_datagram(self._transport, self._sock, data, self._addr)
 
     def send(self, data: bytes) -> int:
         self.sendall(data)
@@ -508,6 +523,7 @@ class _DatagramEndpoint(DatagramSocket):
         if pool.backlog > pool.size * 4:
             # Every thread busy and a queue behind them: drop, as a full
             # socket buffer would, rather than queue without bound.
+            self.group.count_dropped("handler_busy")
             self.group.log.debug(
                 "%s: datagram dropped, all handler threads busy", format_peer(addr)
             )
@@ -517,8 +533,18 @@ class _DatagramEndpoint(DatagramSocket):
             return
         access = self.group.access
         budget = None if access is None else access.policy.reply_allowance(len(data))
-        conn = DatagramConnection(data, addr, self.transport, self.sock, self.group.loop, budget)
+        conn = DatagramConnection(
+            data, addr, self.transport, self.sock, self.group.loop, budget, self.group.counts
+        )
         pool.submit(lambda: self.driver.run_datagram(conn, self.group))
+
+
+def _on_loop(group: ConnectionGroup, count: Callable[..., None], *args: str) -> None:
+    """Count from a handler thread: the counters belong to the loop's thread."""
+    try:
+        group.loop.call_soon_threadsafe(count, *args)
+    except RuntimeError:  # the loop is closed: the server is gone
+        pass
 
 
 class BlockingDriver(Driver):
@@ -561,13 +587,17 @@ class BlockingDriver(Driver):
             conn.stats.set_reason(describe(exc))
             group.log.debug("%s: %s", conn.peer, exc)
         except LocalProtocolError:
-            group.log.exception("%s: handler error", conn.peer)
+            _on_loop(group, group.count_handler_error)
+            group.log.exception("%s: handler error", conn.peer,
+                                extra={"event": "error", "peer": conn.peer})
             conn.stats.set_reason("internal error")
         except OSError as exc:
             conn.stats.set_reason(describe(exc))
             group.log.debug("%s: %s", conn.peer, exc)
         except Exception:
-            group.log.exception("%s: handler error", conn.peer)
+            _on_loop(group, group.count_handler_error)
+            group.log.exception("%s: handler error", conn.peer,
+                                extra={"event": "error", "peer": conn.peer})
             conn.stats.set_reason("internal error")
         finally:
             conn.close()
@@ -580,9 +610,17 @@ class BlockingDriver(Driver):
         try:
             self.handler(conn)
         except (RemoteProtocolError, ConnectionClosed) as exc:
-            group.log.info("%s: datagram dropped: %s", conn.peer, exc)
+            why = str(exc)
+            bucket = "no_address" if "no address" in why else drop_reason(why)
+            _on_loop(group, group.count_dropped, bucket)
+            group.log.info("%s: datagram dropped: %s", conn.peer, exc,
+                           extra={"event": "dropped", "peer": conn.peer, "reason": why})
         except Exception:
-            group.log.exception("%s: handler error on a datagram", conn.peer)
+            _on_loop(group, group.count_handler_error)
+            if not conn.answered:
+                _on_loop(group, group.count_dropped, "handler_error")
+            group.log.exception("%s: handler error on a datagram", conn.peer,
+                                extra={"event": "error", "peer": conn.peer})
 
     def start_datagram(self, bound: BoundSocket, group: ConnectionGroup) -> _DatagramEndpoint:
         endpoint = _DatagramEndpoint(self, group, bound.sock)

@@ -150,7 +150,11 @@ class ProtocolConnection(StreamCore):
             try:
                 self.stats.note = self.proto.request_summary()
             except Exception:
-                self.group.log.exception("%s: error in request_summary", self.stats.peer)
+                self.group.count_handler_error()
+                self.group.log.exception(
+                    "%s: error in request_summary", self.stats.peer,
+                    extra={"event": "error", "peer": self.stats.peer},
+                )
         super().finished()
 
     # -- the request deadline (see _core.ConnectionGroup._sweep) -------------
@@ -441,7 +445,11 @@ class DatagramEndpoint(DatagramSocket):
             group.refused(peer, exc.reason, datagram=True)
             return
         except Exception:
-            group.log.exception("%s: protocol error on a datagram", peer)
+            group.count_handler_error()
+            group.count_dropped("handler_error")
+            group.log.exception(
+                "%s: protocol error on a datagram", peer, extra={"event": "error", "peer": peer}
+            )
             return
         if reply is None:
             return
@@ -456,8 +464,14 @@ class DatagramEndpoint(DatagramSocket):
         transport = self.transport
         if transport is not None:
             if not addr:  # an unbound Unix datagram client has no address
+                group.count_dropped("no_address")
                 group.log.debug("cannot reply to an unbound unixgram peer")
                 return
+            # Counted before it goes: who has the reply finds it counted.
+            counts = group.counts
+            counts.answered += 1
+            counts.bytes_in += len(data)
+            counts.bytes_out += len(reply)
             if reply:
                 transport.sendto(reply, addr)
             else:

@@ -531,7 +531,12 @@ class StreamCore(asyncio.Protocol):
     def crashed(self, where: str) -> None:
         """A bug in the handler: logged once with its traceback; the
         connection is closed, what was already queued still delivered."""
-        self.group.log.exception("%s: handler error in %s; closing", self.stats.peer, where)
+        group = self.group
+        group.count_handler_error()
+        group.log.exception(
+            "%s: handler error in %s; closing", self.stats.peer, where,
+            extra={"event": "error", "peer": self.stats.peer},
+        )
         self.close_soon("internal error")
 
 
