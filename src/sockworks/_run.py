@@ -13,6 +13,7 @@ from typing import Any
 from ._access import AccessPolicy
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
+from ._privileges import Credentials, check_paths, drop, required_paths, unix_socket_paths
 from ._server import Server, ServiceConfig
 
 log = logging.getLogger("sockworks")
@@ -148,12 +149,22 @@ def run_services(
     *,
     grace: float = 5.0,
     on_ready: Callable[[Server], None] | None = None,
+    credentials: Credentials | None = None,
 ) -> bool:
-    """Bind every service, then serve them until a signal (see :func:`serve`)."""
-    server = Server(list(services), grace=grace)
+    """Bind every service, then serve them until a signal (see :func:`serve`).
+
+    ``credentials`` (:func:`sockworks._privileges.resolve`): once every
+    socket is bound, drop to that user and group for good, then check the
+    files the services read as that user (:func:`check_as` does the same
+    before binding, for an error that leaves nothing bound)."""
+    configs = list(services)
+    server = Server(configs, grace=grace)
     server.bind()  # errors surface here, before a loop exists
-    loop = new_event_loop()
+    loop = new_event_loop()  # before the drop: it may import uvloop
     try:
+        if credentials is not None:
+            drop(credentials, unix_socket_paths(server))
+            check_paths(required_paths(configs), credentials.who)
         return loop.run_until_complete(serve_until_signalled(server, on_ready))
     finally:
         loop.close()

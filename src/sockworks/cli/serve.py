@@ -23,6 +23,8 @@ from .._configfile import (
 )
 from .._endpoint import Endpoint, parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, UsageError
+from .._privileges import check_as, drop, required_paths, unix_socket_paths
+from .._privileges import resolve as resolve_credentials
 from .._run import run_services
 from .._server import Server, ServiceConfig
 from .._sockets import bind as bind_socket
@@ -467,8 +469,12 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
     try:
         check_descriptors(configs)
         setup_logging(args)
+        # --user/--group: names resolved and files tried as that user
+        # before anything binds; the drop itself comes after binding.
+        credentials = resolve_credentials(process.user, process.group)
+        check_as(credentials, required_paths(configs, where or None))
         if process.workers is None:
-            run_services(configs, grace=grace, on_ready=on_ready)
+            run_services(configs, grace=grace, on_ready=on_ready, credentials=credentials)
             return
         first = (configs, grace)
         loads = iter([first])
@@ -480,7 +486,8 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
                 return loaded
             return reload() if reload is not None else first
 
-        Supervisor(load, process.workers, announce=announce_endpoints).run()
+        Supervisor(load, process.workers, announce=announce_endpoints,
+                   after_bind=lambda server: drop(credentials, unix_socket_paths(server))).run()
     except BindError as exc:
         if not where:
             raise
