@@ -562,3 +562,18 @@ def test_systemd_unit_in_the_docs_verifies() -> None:
                                 capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and path.name not in result.stderr, result.stderr
 
+
+
+def test_only_sockets_bound_here_are_given_away() -> None:
+    from types import SimpleNamespace
+
+    from sockworks._privileges import unix_socket_paths
+
+    server = SimpleNamespace(endpoints=[
+        ("a", SimpleNamespace(transport="unix", path="/run/a.sock", fd=None)),
+        ("b", SimpleNamespace(transport="unixgram", path="/run/b.sock", fd=None)),
+        # Passed by systemd: its file is the service manager's, never chowned.
+        ("c", SimpleNamespace(transport="unix", path="/run/c.sock", fd=3)),
+        ("d", SimpleNamespace(transport="tcp", path="", fd=None)),
+    ])
+    assert unix_socket_paths(server) == ["/run/a.sock", "/run/b.sock"]

@@ -429,8 +429,13 @@ def _verify(c: Credentials) -> None:
 
 
 def unix_socket_paths(server: _Bound) -> list[str]:
-    """The files of ``server``'s bound Unix listeners."""
-    return [e.path for _, e in server.endpoints if e.transport in ("unix", "unixgram") and e.path]
+    """The files of the Unix listeners ``server`` bound itself: not those
+    it inherited (systemd:NAME, fd:N), whose files the service manager
+    made and owns."""
+    return [
+        e.path for _, e in server.endpoints
+        if e.transport in ("unix", "unixgram") and e.path and getattr(e, "fd", None) is None
+    ]
 
 
 def _give_socket(path: str, c: Credentials) -> None:
