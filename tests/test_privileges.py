@@ -59,7 +59,7 @@ def example(kind: str, contains: str) -> str:
     """The one ```KIND block of the privilege docs holding ``contains``."""
     blocks = [b for b in re.findall(rf"```{kind}\n(.*?)```", DOC, re.S) if contains in b]
     assert len(blocks) == 1, f"the docs have {len(blocks)} {kind} examples with {contains!r}"
-    return blocks[0].strip()
+    return str(blocks[0]).strip()
 
 
 def command(text: str) -> list[str]:

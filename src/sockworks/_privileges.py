@@ -29,6 +29,7 @@ event loop runs.
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import inspect
 import logging
@@ -327,6 +328,7 @@ def check_as(credentials: Credentials | None, paths: Sequence[RequiredPath]) -> 
     if credentials is None or not paths:
         return
     sys.stderr.flush()
+    _libc()  # loaded here, not in the child
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; its verdict is tested
@@ -365,15 +367,24 @@ def check_as(credentials: Credentials | None, paths: Sequence[RequiredPath]) -> 
 # -- the drop itself ------------------------------------------------------
 
 
-def _prctl(option: int, value: int = 0) -> int | None:
-    """prctl(2), None where there is none (not Linux)."""
+@functools.cache
+def _libc() -> Any:
+    """The C library, for prctl(2); None where it cannot be loaded. Loaded
+    once, before any fork (dlopen in a forked child is best avoided)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        result: int = libc.prctl(option, value, 0, 0, 0)
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return None
+
+
+def _prctl(option: int, value: int = 0) -> int | None:
+    """prctl(2), None where there is none (not Linux)."""
+    prctl = getattr(_libc(), "prctl", None)
+    if prctl is None:
+        return None
+    result: int = prctl(option, value, 0, 0, 0)
     return result
 
 
