@@ -4,6 +4,12 @@
 stream socket with TLS on top: the transport stays ``tcp`` or ``unix`` and
 :attr:`Endpoint.tls` says that TLS runs over it.
 
+``systemd:NAME`` (a socket systemd passed, by its name or 0-based index)
+and ``fd:N`` (descriptor N) are sockets this process inherited: they parse
+to the concrete endpoint the socket is (its transport and address read from
+the socket itself), with :attr:`Endpoint.fd` set, so that it is adopted
+rather than bound.
+
 The same strings are accepted by the CLI and the Python API, and an
 :class:`Endpoint` prints back as the string that would parse to it, so the
 ``listening on ENDPOINT`` line can be pasted into another command.
@@ -12,9 +18,10 @@ The same strings are accepted by the CLI and the Python API, and an
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from . import _systemd
 from ._errors import EndpointError
 
 Transport = Literal["tcp", "udp", "unix", "unixgram"]
@@ -39,6 +46,10 @@ class Endpoint:
     port: int = 0
     path: str = ""
     tls: bool = False  # TLS over this stream transport (tls:, unix+tls:)
+    # An inherited socket (systemd:NAME, fd:N): this descriptor is adopted,
+    # never bound, and ``source`` is how it was named.
+    fd: int | None = None
+    source: str = ""
 
     @property
     def is_stream(self) -> bool:
@@ -48,6 +59,12 @@ class Endpoint:
     def is_inet(self) -> bool:
         return self.transport in INET_TRANSPORTS
 
+    @property
+    def inherited(self) -> bool:
+        """A socket this process was given (systemd:NAME, fd:N): adopted,
+        never bound; its Unix path and its listen state are not ours."""
+        return self.fd is not None
+
     def __str__(self) -> str:
         if not self.is_inet:
             return f"{self.transport}{'+tls' if self.tls else ''}:{self.path}"
@@ -55,7 +72,7 @@ class Endpoint:
         return f"{'tls' if self.tls else self.transport}:{host}:{self.port}"
 
     def with_port(self, port: int) -> Endpoint:
-        return Endpoint(self.transport, self.host, port, self.path, self.tls)
+        return replace(self, port=port)
 
 
 def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
@@ -70,6 +87,8 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
     rest = text
     tls = False
     head, sep, tail = text.partition(":")
+    if sep and head in ("systemd", "fd"):
+        return _inherited(head, tail, text)
     if sep and head in _TLS_FORMS:
         transport, rest, tls = _TLS_FORMS[head], tail, True
     elif sep and head in TRANSPORTS:
@@ -88,6 +107,50 @@ def parse_endpoint(text: str, default_transport: Transport = "tcp") -> Endpoint:
         return Endpoint(transport, path=rest, tls=tls)  # type: ignore[arg-type]
     host, port = split_host_port(rest, zero_ok=True, subject=f"endpoint {text!r}")
     return Endpoint(transport, host=host, port=port, tls=tls)  # type: ignore[arg-type]
+
+
+def _inherited(kind: str, key: str, text: str) -> Endpoint:
+    """``systemd:NAME``/``systemd:N`` or ``fd:N``: the inherited socket, as
+    the endpoint it really is."""
+    if kind == "fd":
+        if not key.isascii() or not key.isdigit():
+            raise EndpointError(f"endpoint {text!r}: descriptor {key!r} is not a number")
+        passed = _systemd.inspect(int(key), subject=text)
+    else:
+        passed = _systemd.lookup(key, text)
+    _systemd.check_listening(passed, text)
+    return inherited_endpoint(passed, text)
+
+
+def inherited_endpoint(passed: _systemd.PassedSocket, source: str) -> Endpoint:
+    """The endpoint an inherited socket is, named ``source``."""
+    transport: Transport = passed.transport  # type: ignore[assignment]
+    address = passed.address
+    if transport in ("unix", "unixgram"):
+        if isinstance(address, bytes):  # abstract (a leading NUL): shown as @name
+            path = "@" + address[1:].decode(errors="replace")
+        else:
+            path = str(address)
+        return Endpoint(transport, path=path, fd=passed.fd, source=source)
+    return Endpoint(
+        transport, host=str(address[0]), port=int(address[1]), fd=passed.fd, source=source
+    )
+
+
+def inherited_endpoints() -> list[Endpoint]:
+    """Every socket systemd passed (LISTEN_FDS), as endpoints named
+    ``systemd:NAME`` (or ``systemd:N`` where names repeat); empty when none
+    were passed. A :class:`BindError` when they were, but not to us."""
+    sockets = _systemd.passed_sockets()
+    names = [s.name for s in sockets]
+    out = []
+    for index, passed in enumerate(sockets):
+        unique = names.count(passed.name) == 1 and not passed.name.isdigit()
+        key = passed.name if unique else str(index)
+        source = f"systemd:{key}"
+        _systemd.check_listening(passed, source)
+        out.append(inherited_endpoint(passed, source))
+    return out
 
 
 def reject_url(text: str, subject: str = "endpoint") -> None:

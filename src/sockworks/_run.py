@@ -15,6 +15,7 @@ from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
 from ._privileges import Credentials, check_paths, drop, required_paths, unix_socket_paths
 from ._server import Server, ServiceConfig
+from ._systemd import Notifier, process_notifier
 
 log = logging.getLogger("sockworks")
 
@@ -28,16 +29,43 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def serving_status(server: Server) -> str:
+    """The one-line STATUS= text: what is served where."""
+    where: dict[str, list[str]] = {}
+    for name, endpoint in server.endpoints:
+        where.setdefault(name, []).append(str(endpoint))
+    return "serving " + "; ".join(f"{name} on {', '.join(e)}" for name, e in where.items())
+
+
 async def serve_until_signalled(
-    server: Server, on_ready: Callable[[Server], None] | None = None
+    server: Server,
+    on_ready: Callable[[Server], None] | None = None,
+    *,
+    notifier: Notifier | None = None,
 ) -> bool:
     """Start ``server``, call ``on_ready``, serve until SIGINT or SIGTERM,
     then shut down gracefully. A second signal aborts at once.
-    Returns True when the shutdown finished within the grace period."""
+    Returns True when the shutdown finished within the grace period.
+
+    ``notifier`` (default: this process's, from NOTIFY_SOCKET) hears
+    READY=1 once every listener accepts, STOPPING=1, RELOADING=1 and
+    READY=1 around a SIGHUP, and WATCHDOG=1 at its interval."""
     loop = asyncio.get_running_loop()
+    notify = notifier if notifier is not None else process_notifier()
     await server.start()
     if on_ready is not None:
         on_ready(server)
+    notify.ready(serving_status(server))
+    watchdog: asyncio.TimerHandle | None = None
+
+    def feed_watchdog() -> None:
+        nonlocal watchdog
+        notify.watchdog()
+        interval = notify.watchdog_interval
+        watchdog = loop.call_later(interval, feed_watchdog) if interval else None
+
+    if notify.watchdog_interval:
+        feed_watchdog()
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping = False
 
@@ -46,6 +74,7 @@ async def serve_until_signalled(
         if not stopping:
             stopping = True
             log.info("%s received: shutting down", signal.Signals(signum).name)
+            notify.stopping()
             server.stop()
         else:
             log.warning("second signal: aborting connections now")
@@ -57,7 +86,9 @@ async def serve_until_signalled(
         # SIGHUP: certificates and keys are read again (renewed by certbot
         # or the like) without a restart; a broken one keeps the old.
         log.info("SIGHUP received: reloading certificates")
+        notify.reloading()
         server.reload_certificates()
+        notify.ready(serving_status(server))
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
@@ -66,6 +97,8 @@ async def serve_until_signalled(
         await server.wait_stopped()
         return await server.shutdown()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for sig in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
@@ -104,7 +137,8 @@ def log_listening(server: Server) -> None:
     """The ``listening on ENDPOINT`` lines, as log records (library code
     never prints; the CLI writes its own to stderr)."""
     for name, endpoint in server.endpoints:
-        logging.getLogger(f"sockworks.{name}").info("listening on %s", endpoint)
+        from_ = f" ({endpoint.source})" if endpoint.source else ""
+        logging.getLogger(f"sockworks.{name}").info("listening on %s%s", endpoint, from_)
 
 
 def serve(

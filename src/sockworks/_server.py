@@ -689,7 +689,12 @@ class Server:
     def _close_bound(self) -> None:
         for bound in self._bound:
             bound.sock.close()
-            if self.owns_sockets and bound.endpoint.transport in ("unix", "unixgram"):
+            # An inherited socket's file (systemd's) is not ours to remove.
+            if (
+                self.owns_sockets
+                and not bound.endpoint.inherited
+                and bound.endpoint.transport in ("unix", "unixgram")
+            ):
                 _unlink_quietly(bound.endpoint.path)
         self._bound.clear()
 
@@ -739,6 +744,11 @@ class Server:
                     else:
                         listener = _TransportListener(bound, group, factory)
                     listener.refuse_on_drain = self.owns_sockets
+                    if bound.endpoint.inherited:
+                        # systemd keeps its copy of the socket for the next
+                        # start: a drop filter would stay on it, and what
+                        # queues meanwhile is served by the next process.
+                        listener.refuse_on_drain = False
                     group.listeners.append(listener)
                     self._listeners.append(listener)
                 else:

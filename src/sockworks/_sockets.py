@@ -104,7 +104,34 @@ def out_of_descriptors(exc: OSError) -> str:
     )
 
 
+def _adopt(endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
+    """An inherited socket (systemd:NAME, fd:N), bound and listening
+    already: a duplicate of it, so that the original stays open for as long
+    as the process lives (a reload takes the same socket again, and a
+    descriptor number is never reused under another name). Nothing of its
+    binding is changed: the unit's Backlog=, address and the like hold."""
+    assert endpoint.fd is not None
+    try:
+        sock = socket.socket(fileno=os.dup(endpoint.fd))  # the duplicate is close-on-exec
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        raise BindError(f"cannot use {endpoint.source}: {exc.strerror or exc}") from None
+    try:
+        sock.setblocking(False)
+        if endpoint.transport == "udp" and options.broadcast:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        # Accepted sockets inherit these from the listener.
+        apply_options(sock, options, stream=endpoint.is_stream, inet=endpoint.is_inet)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot use {endpoint.source} ({endpoint}): {exc.strerror}") from None
+    return BoundSocket(sock, endpoint)
+
+
 def _bind(endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
+    if endpoint.fd is not None:
+        return _adopt(endpoint, options)
     family, host = _family_for(endpoint)
     kind = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     sock = socket.socket(family, kind)

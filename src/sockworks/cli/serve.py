@@ -21,7 +21,7 @@ from .._configfile import (
     takes,
     unknown_service,
 )
-from .._endpoint import Endpoint, parse_endpoint, parse_port
+from .._endpoint import Endpoint, inherited_endpoints, parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, UsageError
 from .._privileges import check_as, drop, required_paths, unix_socket_paths
 from .._privileges import resolve as resolve_credentials
@@ -30,6 +30,8 @@ from .._server import Server, ServiceConfig
 from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
 from .._supervisor import Supervisor
+from .._systemd import claim_environment as claim_systemd_environment
+from .._systemd import sockets_given as systemd_sockets_given
 from ..services import SERVICES, ServiceSpec, get_service
 from ._common import (
     EXIT_OK,
@@ -398,15 +400,18 @@ def check_applicable(kind: str, settings: dict[str, Any]) -> None:
 
 
 def service_config(
-    spec: ServiceSpec | str, args: argparse.Namespace, listen: Sequence[str]
+    spec: ServiceSpec | str, args: argparse.Namespace, listen: Sequence[str | Endpoint]
 ) -> ServiceConfig:
     """A :class:`ServiceConfig` for a built-in ``spec`` or a ``MODULE:NAME``
-    reference, from the command line."""
+    reference, from the command line. With no ``listen`` and sockets passed
+    by systemd (LISTEN_FDS), the service listens on every one of them."""
     kind = spec if isinstance(spec, str) else spec.name
     settings = cli_settings(args)
     check_applicable(kind, settings)
     if listen:
-        settings["listen"] = [parse_endpoint(e) for e in listen]
+        settings["listen"] = [e if isinstance(e, Endpoint) else parse_endpoint(e) for e in listen]
+    elif systemd_sockets_given():
+        settings["listen"] = inherited_endpoints()
     elif kind not in SERVICES:
         raise UsageError(
             f"{kind} has no default listener: give one with -l, e.g. "
@@ -497,7 +502,8 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
 def announce_endpoints(endpoints: Sequence[tuple[str, Endpoint]]) -> None:
     """The ``listening on ENDPOINT`` lines scripts wait for."""
     for name, endpoint in endpoints:
-        sys.stderr.write(f"sockworks: {name} listening on {endpoint}\n")
+        from_ = f" ({endpoint.source})" if endpoint.source else ""
+        sys.stderr.write(f"sockworks: {name} listening on {endpoint}{from_}\n")
     sys.stderr.flush()
 
 
@@ -506,6 +512,9 @@ def announce(server: Server) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # systemd's variables are this process's alone: gone from the
+    # environment before anything (exec's --pass-env) copies it.
+    claim_systemd_environment()
     if args.config is not None:
         if args.service is not None or args.listen or cli_settings(args):
             raise UsageError(
