@@ -34,7 +34,14 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
         ('a = "unterminated\n', r"not valid TOML"),
         # Unknown keys, at every level.
         ('[servers]\nx = 1\n', r"servers: unknown key \(known: server, defaults, services\)"),
-        (GOOD_SERVICE + "[server]\nworkers = 4\n", r"server\.workers: unknown key"),
+        (GOOD_SERVICE + "[server]\nworker = 4\n",
+         r"server\.worker: unknown key \(known: grace, workers"),
+        (GOOD_SERVICE + "[server]\nworkers = 0\n", r"server\.workers: 0 is not a number of"),
+        (GOOD_SERVICE + '[server]\nworkers = "many"\n', r"server\.workers: 'many' is not a"),
+        (GOOD_SERVICE + '[server]\nlog_format = "xml"\n',
+         r"server\.log_format: expected one of text, json"),
+        (GOOD_SERVICE + '[server]\nmetrics = "udp:127.0.0.1:9"\n',
+         r"server\.metrics: metrics are served over HTTP"),
         (GOOD_SERVICE + "[defaults]\nlisen = []\n", r"defaults\.lisen: unknown key"),
         (GOOD_SERVICE + "timout = 5\n", r"services\.echo\.timout: unknown key"),
         # Unknown services.
