@@ -19,11 +19,13 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,6 +191,36 @@ def test_echo_on_port_7_tcp_and_udp_serves_as_nobody(cli: type[CLIProcess]) -> N
         assert recv_all(s) == b"echoed by nobody"
     reply, _ = datagram_exchange(udp, b"datagram")
     assert reply == b"datagram"
+    assert server.stop() == 0
+
+
+@ROOT_ONLY
+def test_every_worker_and_the_parent_serve_as_nobody(cli: type[CLIProcess]) -> None:
+    require_port(7, socket.SOCK_STREAM)
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:7", "--user", "nobody",
+                  "--group", "nogroup", "--workers", "2"])
+    [tcp] = server.wait_listening(1)
+    workers = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in [server.proc.pid, *map(int, workers)]:
+        assert_dropped(pid)
+    for _ in range(4):
+        with connect(tcp) as s:
+            s.sendall(b"a worker of nobody's")
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == b"a worker of nobody's"
+    # A replacement worker is forked from the dropped parent: nobody too.
+    os.kill(int(workers[0]), signal.SIGKILL)
+    server.wait_for("starting another")
+    replacement: set[str] = set()
+    deadline = time.monotonic() + 10
+    while len(replacement) != 1 and time.monotonic() < deadline:
+        now = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+        replacement = set(now) - set(workers)
+    assert len(replacement) == 1
+    assert_dropped(int(replacement.pop()))
     assert server.stop() == 0
 
 
