@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -362,3 +363,46 @@ def test_tls_and_proxy_listeners_under_workers_and_a_renewed_certificate(
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"plain"
     assert server.stop() == 0
+
+
+def test_readiness_reload_and_stop_are_told_to_the_service_manager(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    manager.settimeout(10)
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockworks", "serve", "echo", "-l", "tcp:127.0.0.1:0",
+         "--workers", "2"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    try:
+        def next_message(skip_watchdog: bool = True) -> str:
+            while True:
+                text = manager.recv(4096).decode()
+                if not (skip_watchdog and text == "WATCHDOG=1"):
+                    return text
+
+        ready = next_message()
+        assert ready.startswith("READY=1\nSTATUS=2 worker(s) serving echo on tcp:127.0.0.1:")
+        port = int(ready.rsplit(":", 1)[1])
+        # Ready means accepting, in every worker.
+        assert len(children(proc.pid)) == 2
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        assert next_message(skip_watchdog=False) == "WATCHDOG=1"  # every 0.2 s, from the parent
+        proc.send_signal(signal.SIGHUP)
+        reloading = next_message()
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", reloading), reloading
+        assert next_message().startswith("READY=1\nSTATUS=2 worker(s) serving echo")
+        proc.send_signal(signal.SIGTERM)
+        assert next_message() == "STOPPING=1"
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        manager.close()
