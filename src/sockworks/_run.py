@@ -55,7 +55,6 @@ async def serve_until_signalled(
     await server.start()
     if on_ready is not None:
         on_ready(server)
-    notify.ready(serving_status(server))
     watchdog: asyncio.TimerHandle | None = None
 
     def feed_watchdog() -> None:
@@ -64,8 +63,6 @@ async def serve_until_signalled(
         interval = notify.watchdog_interval
         watchdog = loop.call_later(interval, feed_watchdog) if interval else None
 
-    if notify.watchdog_interval:
-        feed_watchdog()
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping = False
 
@@ -93,6 +90,11 @@ async def serve_until_signalled(
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    # Ready once the signals are ours too: the manager may stop or reload
+    # the moment it hears READY=1.
+    notify.ready(serving_status(server))
+    if notify.watchdog_interval:
+        feed_watchdog()
     try:
         await server.wait_stopped()
         return await server.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -22,7 +23,8 @@ from .._configfile import (
     unknown_service,
 )
 from .._endpoint import Endpoint, inherited_endpoints, parse_endpoint, parse_port
-from .._errors import BindError, ConfigError, EndpointError, UsageError
+from .._errors import BindError, ConfigError, EndpointError, SockworksError, UsageError
+from .._inetd import log_to_syslog, run_inetd, take_stdin
 from .._privileges import check_as, drop, required_paths, unix_socket_paths
 from .._privileges import resolve as resolve_credentials
 from .._run import run_services
@@ -515,6 +517,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # systemd's variables are this process's alone: gone from the
     # environment before anything (exec's --pass-env) copies it.
     claim_systemd_environment()
+    if args.inetd:
+        return serve_inetd(args)
     if args.config is not None:
         if args.service is not None or args.listen or cli_settings(args):
             raise UsageError(
@@ -549,6 +553,41 @@ def run_serve(args: argparse.Namespace) -> int:
 
     start([build()], args, args.grace, announce, process=process_settings(args), reload=rebuild)
     return EXIT_OK
+
+
+def serve_inetd(args: argparse.Namespace) -> int:
+    """``--inetd``: the one connection (or datagram socket) on standard input."""
+    taken = take_stdin()  # a terminal there: one line, before anything changes
+    # Standard error may be the connection now: logs go to syslog instead
+    # (with it, errors; fail()'s line goes to /dev/null, never the peer).
+    setup_logging(args)
+    if taken.stderr_is_connection:
+        log_to_syslog()
+    try:
+        ignored = [
+            option for option, given in (
+                ("--config", args.config is not None), ("--listen", bool(args.listen)),
+                ("--workers", args.workers is not None), ("--user", args.user is not None),
+                ("--group", args.group is not None), ("--metrics", args.metrics is not None),
+            ) if given
+        ]
+        if ignored:
+            raise UsageError(
+                f"--inetd serves one service on the connection on standard input: "
+                f"{', '.join(ignored)} does not apply (inetd or the unit says who runs it)"
+            )
+        if args.service is None:
+            raise UsageError("--inetd: name the SERVICE to run on standard input")
+        kind: str = args.service
+        if kind not in SERVICES and not is_app_reference(kind):
+            raise UsageError(unknown_service(kind))
+        spec = get_service(kind) if kind in SERVICES else kind
+        config = service_config(spec, args, [taken.endpoint])
+        return run_inetd(config, taken, grace=5.0 if args.grace is None else args.grace)
+    except SockworksError as exc:
+        if taken.stderr_is_connection:
+            logging.getLogger("sockworks").error("%s", exc)
+        raise
 
 
 # The demo runs on fixed ports: how a person moves them when some are taken.
