@@ -396,3 +396,24 @@ def test_a_listening_socket_or_other_options_are_one_line() -> None:
     lines = result.stderr.decode().splitlines()
     assert result.returncode == 2 and len(lines) == 1, lines
     assert "--listen, --workers does not apply" in lines[0]
+
+
+def test_blocking_handler_on_a_datagram_socket(tmp_path: Path) -> None:
+    """inetd's ``dgram ... wait``: the UDP socket itself on standard input,
+    served by a blocking handler until idle."""
+    app = write_app(tmp_path, """\
+        def handle(conn):
+            conn.sendall(conn.recv().upper())
+        """)
+    server = udp_socket()
+    with server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        proc = Started([*SOCKWORKS, "serve", "app:handle", "--app-dir", str(app), "--inetd",
+                        "--timeout", "0.5"], stdin=server)
+        try:
+            client.settimeout(10)
+            client.sendto(b"quiet", server.getsockname())
+            assert client.recvfrom(100) == (b"QUIET", server.getsockname())
+            code, out = proc.finish()
+            assert (code, out) == (0, b""), proc.log
+        finally:
+            proc.kill()

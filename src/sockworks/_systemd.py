@@ -203,8 +203,10 @@ def claim_environment() -> None:
 
 
 def sockets_given() -> bool:
-    """Whether systemd's LISTEN_FDS was set (to this process or not)."""
-    return _claimed().given
+    """Whether systemd passed sockets (to this process or not: using them
+    then says why not); LISTEN_FDS=0 passes none."""
+    passed = _claimed()
+    return passed.given and bool(passed.sockets or passed.problem)
 
 
 def passed_sockets() -> tuple[PassedSocket, ...]:
