@@ -21,8 +21,8 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from . import _systemd
 from ._errors import EndpointError
+from ._systemd import PassedSocket, check_listening, inspect, lookup, passed_sockets
 
 Transport = Literal["tcp", "udp", "unix", "unixgram"]
 TRANSPORTS: tuple[Transport, ...] = ("tcp", "udp", "unix", "unixgram")
@@ -115,14 +115,14 @@ def _inherited(kind: str, key: str, text: str) -> Endpoint:
     if kind == "fd":
         if not key.isascii() or not key.isdigit():
             raise EndpointError(f"endpoint {text!r}: descriptor {key!r} is not a number")
-        passed = _systemd.inspect(int(key), subject=text)
+        passed = inspect(int(key), subject=text)
     else:
-        passed = _systemd.lookup(key, text)
-    _systemd.check_listening(passed, text)
+        passed = lookup(key, text)
+    check_listening(passed, text)
     return inherited_endpoint(passed, text)
 
 
-def inherited_endpoint(passed: _systemd.PassedSocket, source: str) -> Endpoint:
+def inherited_endpoint(passed: PassedSocket, source: str) -> Endpoint:
     """The endpoint an inherited socket is, named ``source``."""
     transport: Transport = passed.transport  # type: ignore[assignment]
     address = passed.address
@@ -141,14 +141,14 @@ def inherited_endpoints() -> list[Endpoint]:
     """Every socket systemd passed (LISTEN_FDS), as endpoints named
     ``systemd:NAME`` (or ``systemd:N`` where names repeat); empty when none
     were passed. A :class:`BindError` when they were, but not to us."""
-    sockets = _systemd.passed_sockets()
+    sockets = passed_sockets()
     names = [s.name for s in sockets]
     out = []
     for index, passed in enumerate(sockets):
         unique = names.count(passed.name) == 1 and not passed.name.isdigit()
         key = passed.name if unique else str(index)
         source = f"systemd:{key}"
-        _systemd.check_listening(passed, source)
+        check_listening(passed, source)
         out.append(inherited_endpoint(passed, source))
     return out
 
