@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._access import AccessControl, AccessPolicy
 from ._core import ConnectionGroup, Driver
@@ -83,11 +83,7 @@ def take_stdin(fd: int = 0) -> StdinSocket:
         )
     stderr_is_connection = _same_file(fd, 2)
     sock = socket.socket(fileno=os.dup(fd))  # close-on-exec, unlike 0
-    endpoint = inherited_endpoint(passed, "stdin")
-    endpoint = Endpoint(
-        endpoint.transport, endpoint.host, endpoint.port, endpoint.path,
-        fd=sock.fileno(), source="stdin",
-    )
+    endpoint = replace(inherited_endpoint(passed, "stdin"), fd=sock.fileno())
     # From here on nothing written to 0, 1 (print, a stray library) or to a
     # standard error that is the connection can reach the peer; and the
     # connection closes when our own descriptor does.
