@@ -499,12 +499,7 @@ def test_listening_regex_still_reads_the_line() -> None:
     assert match and match.group(1) == "tcp:127.0.0.1:7007"
 
 
-@pytest.mark.parametrize("workers", [
-    [],
-    pytest.param(["--workers", "2"], marks=pytest.mark.xfail(strict=True, reason=(
-        "_supervisor.py SocketPool.close() unlinks and stop_accepting() puts a drop filter "
-        "on inherited sockets too: both must skip bound.endpoint.inherited"))),
-], ids=["single", "workers"])
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
 def test_stopping_leaves_the_passed_sockets_as_systemd_gave_them(
     tmp_path: Path, workers: list[str]
 ) -> None:

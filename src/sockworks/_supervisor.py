@@ -104,7 +104,12 @@ class SocketPool:
             if bound is None:
                 continue
             bound.sock.close()
-            if bound.endpoint.transport in ("unix", "unixgram") and bound.endpoint.path:
+            # An inherited socket (systemd's) is its owner's to unlink.
+            if (
+                bound.endpoint.transport in ("unix", "unixgram")
+                and bound.endpoint.path
+                and not bound.endpoint.inherited
+            ):
                 try:
                     os.unlink(bound.endpoint.path)
                 except OSError:
@@ -116,7 +121,9 @@ class SocketPool:
         is still accepted by the workers draining."""
         for key in list(self.sockets) if keys is None else keys:
             bound = self.sockets.get(key)
-            if bound is not None and bound.endpoint.is_stream:
+            # Not an inherited socket: the filter would stay on systemd's
+            # copy, and the next activation could never accept.
+            if bound is not None and bound.endpoint.is_stream and not bound.endpoint.inherited:
                 refuse_new_connections(bound.sock)
 
 
