@@ -23,11 +23,8 @@ from conftest import ROOT, recv_all, require_peer
 
 
 def _doc() -> Path:
-    """docs/deploy.md once the systemd and inetd sections are merged into it."""
-    merged = ROOT / "docs" / "deploy.md"
-    if merged.exists() and "### xinetd" in merged.read_text(encoding="utf-8"):
-        return merged
-    return ROOT / "docs" / "_deploy_systemd.md"
+    """The deployment docs, with the inetd and xinetd examples."""
+    return ROOT / "docs" / "deploy.md"
 
 
 def inetd(
