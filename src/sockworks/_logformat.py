@@ -93,6 +93,8 @@ def record_fields(record: logging.LogRecord, message: str) -> dict[str, Any]:
         value = attrs.get(key)
         if value is not None:
             out[key] = _value(value)
+        elif key == "reason" and key in attrs:
+            out[key] = None  # a closing line's reason: null is a normal close
     out["pid"] = record.process if record.process is not None else os.getpid()
     if WORKER is not None:
         out["worker"] = WORKER

@@ -198,11 +198,6 @@ class ServiceCounts:
         self.answered = 0
         self.handler_errors = 0
 
-    def count_closed(self, reason: str | None, bytes_in: int, bytes_out: int) -> None:
-        self.closed["normal" if reason is None else close_reason(reason)] += 1
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
-
     def snapshot(self, open_now: int) -> Snapshot:
         return Snapshot(
             opened=self.opened,
@@ -403,7 +398,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: Any  # our _HTTPServing, not a socketserver
     protocol_version = "HTTP/1.0"  # one request per connection
     server_version = "sockworks-metrics"
-    sys_version = ""
     timeout = SCRAPE_TIMEOUT
 
     def do_GET(self) -> None:
@@ -444,6 +438,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def version_string(self) -> str:
+        return self.server_version  # not Python's version: nobody's business
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics: " + format, *args)
@@ -639,9 +636,26 @@ class _FilesCollector:
         self.directory = directory
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         multiprocess = _untyped("prometheus_client.multiprocess")
         with _locked(self.directory, fcntl.LOCK_SH):
-            return list(multiprocess.MultiProcessCollector(None, self.directory).collect())
+            metrics: list[Metric] = list(
+                multiprocess.MultiProcessCollector(None, self.directory).collect()
+            )
+        # A service no live worker serves (between worker generations, or
+        # all of them gone) still has its open gauge, at 0, as in one process.
+        services = {
+            s.labels["service"] for m in metrics for s in m.samples if "service" in s.labels
+        }
+        gauge = PREFIX + "connections_open"
+        found = next((m for m in metrics if m.name == gauge), None)
+        if found is None:
+            found = GaugeMetricFamily(gauge, METRICS["connections_open"][2], labels=["service"])
+            metrics.append(found)
+        for service in sorted(services - {s.labels.get("service") for s in found.samples}):
+            found.add_sample(gauge, {"service": service}, 0.0)
+        return metrics
 
 
 def files_registry(directory: str) -> CollectorRegistry:

@@ -13,6 +13,7 @@ from typing import Any
 from ._access import AccessPolicy
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
+from ._metrics import MetricsEndpoint, service_registry
 from ._privileges import Credentials, check_paths, drop, required_paths, unix_socket_paths
 from ._server import Server, ServiceConfig
 from ._systemd import Notifier, process_notifier
@@ -186,16 +187,30 @@ def run_services(
     grace: float = 5.0,
     on_ready: Callable[[Server], None] | None = None,
     credentials: Credentials | None = None,
+    metrics: str | MetricsEndpoint | None = None,
 ) -> bool:
     """Bind every service, then serve them until a signal (see :func:`serve`).
 
     ``credentials`` (:func:`sockworks._privileges.resolve`): once every
     socket is bound, drop to that user and group for good, then check the
     files the services read as that user (:func:`check_as` does the same
-    before binding, for an error that leaves nothing bound)."""
+    before binding, for an error that leaves nothing bound).
+
+    ``metrics``: serve Prometheus metrics over HTTP there, at /metrics: an
+    endpoint bound with the services (closed again on any error), or a
+    :class:`~sockworks._metrics.MetricsEndpoint` the caller bound (and closes)."""
     configs = list(services)
     server = Server(configs, grace=grace)
-    server.bind()  # errors surface here, before a loop exists
+    owned = MetricsEndpoint.bind(metrics) if isinstance(metrics, str) else None
+    endpoint = owned or (metrics if isinstance(metrics, MetricsEndpoint) else None)
+    try:
+        server.bind()  # errors surface here, before a loop exists
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    if endpoint is not None:
+        endpoint.serve(service_registry(lambda: server.groups))
     loop = new_event_loop()  # before the drop: it may import uvloop
     try:
         if credentials is not None:
@@ -204,3 +219,5 @@ def run_services(
         return loop.run_until_complete(serve_until_signalled(server, on_ready))
     finally:
         loop.close()
+        if owned is not None:
+            owned.close()

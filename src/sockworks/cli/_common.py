@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from .._logformat import event_line
+from .._logformat import handler as json_handler
+from .._logformat import is_json as is_json_logging
+from .._logformat import set_format as set_log_format
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -62,18 +67,38 @@ def add_logging_options(p: argparse.ArgumentParser) -> None:
     out.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
 
 
-def setup_logging(args: argparse.Namespace) -> None:
+def setup_logging(args: argparse.Namespace, log_format: str = "text") -> None:
+    """Log to stderr at the level -v/-q give: ``text`` lines (the default,
+    unchanged), or ``json``, one object per line (see _logformat.py); the
+    CLI's own lines (:func:`say`) follow the same format."""
     level = logging.INFO
     if args.verbose:
         level = logging.DEBUG
     elif args.quiet:
         level = logging.WARNING if args.quiet == 1 else logging.ERROR
+    set_log_format(log_format)
+    if log_format == "json":
+        logging.basicConfig(level=level, handlers=[json_handler(sys.stderr)])
+        return
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+def say(message: str, *, service: str | None = None, **fields: Any) -> None:
+    """One line of the CLI's own on stderr (``listening on``, ``metrics
+    on``): ``sockworks: [SERVICE ]MESSAGE``, or under ``--log-format json``
+    an object like a log record's, with ``fields`` (``event=...``)."""
+    if is_json_logging():
+        logger = f"sockworks.{service}" if service else "sockworks"
+        line = event_line(message, logger=logger, service=service, **fields)
+    else:
+        line = f"sockworks: {service} {message}" if service else f"sockworks: {message}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def fail(message: str, status: int = EXIT_ERROR) -> int:

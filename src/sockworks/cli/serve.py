@@ -25,6 +25,7 @@ from .._configfile import (
 from .._endpoint import Endpoint, inherited_endpoints, parse_endpoint, parse_port
 from .._errors import BindError, ConfigError, EndpointError, SockworksError, UsageError
 from .._inetd import log_to_syslog, run_inetd, take_stdin
+from .._metrics import MetricsEndpoint, WorkerMetrics
 from .._privileges import check_as, drop, required_paths, unix_socket_paths
 from .._privileges import resolve as resolve_credentials
 from .._run import run_services
@@ -41,6 +42,7 @@ from ._common import (
     doc,
     examples,
     positive_int,
+    say,
     seconds,
     setup_logging,
 )
@@ -473,16 +475,28 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
     ``reload`` gives the configuration again at each SIGHUP."""
     process = process or ProcessSettings()
     grace = 5.0 if grace is None else grace
+    metrics: MetricsEndpoint | None = None
+    hooks: list[WorkerMetrics] = []
     try:
         check_descriptors(configs)
-        setup_logging(args)
+        setup_logging(args, process.log_format)
         # --user/--group: names resolved and files tried as that user
         # before anything binds; the drop itself comes after binding.
         credentials = resolve_credentials(process.user, process.group)
         check_as(credentials, required_paths(configs, where or None))
+        # Bound with the listeners, before anything serves (in use: one line).
+        metrics = MetricsEndpoint.bind(process.metrics) if process.metrics else None
+
+        def ready(server: Server) -> None:
+            on_ready(server)
+            announce_metrics(metrics)
+
         if process.workers is None:
-            run_services(configs, grace=grace, on_ready=on_ready, credentials=credentials)
+            run_services(configs, grace=grace, on_ready=ready, credentials=credentials,
+                         metrics=metrics)
             return
+        if metrics is not None:
+            hooks.append(WorkerMetrics(metrics))
         first = (configs, grace)
         loads = iter([first])
 
@@ -493,20 +507,40 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
                 return loaded
             return reload() if reload is not None else first
 
-        Supervisor(load, process.workers, announce=announce_endpoints,
-                   after_bind=lambda server: drop(credentials, unix_socket_paths(server))).run()
+        announced: list[bool] = []
+
+        def announce_workers(endpoints: Sequence[tuple[str, Endpoint]]) -> None:
+            announce_endpoints(endpoints)
+            if not announced:  # at start; a reload announces new listeners only
+                announced.append(True)
+                announce_metrics(metrics)
+
+        Supervisor(load, process.workers, announce=announce_workers,
+                   after_bind=lambda server: drop(credentials, unix_socket_paths(server)),
+                   hooks=hooks).run()
     except BindError as exc:
         if not where:
             raise
         raise BindError(f"{where}: {exc}") from None
+    finally:
+        for hook in hooks:
+            hook.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def announce_endpoints(endpoints: Sequence[tuple[str, Endpoint]]) -> None:
     """The ``listening on ENDPOINT`` lines scripts wait for."""
     for name, endpoint in endpoints:
         from_ = f" ({endpoint.source})" if endpoint.source else ""
-        sys.stderr.write(f"sockworks: {name} listening on {endpoint}{from_}\n")
-    sys.stderr.flush()
+        say(f"listening on {endpoint}{from_}", service=name, event="listening",
+            endpoint=endpoint)
+
+
+def announce_metrics(metrics: MetricsEndpoint | None) -> None:
+    """``metrics on http://HOST:PORT/metrics``, the real port for port 0."""
+    if metrics is not None:
+        say(f"metrics on {metrics.where}", event="metrics", endpoint=metrics.endpoint)
 
 
 def announce(server: Server) -> None:
