@@ -7,18 +7,20 @@ import json
 import logging
 import queue
 import re
+import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import CLIProcess
+from conftest import ROOT, CLIProcess, require_peer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockworks import parse_endpoint
-from sockworks._logformat import JsonFormatter, event_line
+from sockworks._logformat import FIELDS, JsonFormatter, event_line
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 COMMON = {"time", "level", "logger", "message", "pid"}
@@ -189,3 +191,59 @@ def test_the_formatter_never_writes_invalid_json() -> None:
                    for c in v)
     assert json.loads(event_line("listening on tcp:1.2.3.4:5", event="listening"))["event"] == \
         "listening"
+
+
+# -- the documentation's examples ---------------------------------------------
+
+DOC = ROOT / "docs" / "_deploy_observability.md"
+if not DOC.exists():  # merged into deploy.md
+    DOC = ROOT / "docs" / "deploy.md"
+
+
+def doc_block(contains: str, lang: str = "sh") -> str:
+    text = DOC.read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S) if contains in b]
+    assert len(blocks) == 1, f"{DOC.name} has {len(blocks)} {lang} blocks with {contains!r}"
+    return blocks[0].strip()
+
+
+def jq(command: str, lines: list[str]) -> list[dict[str, Any]]:
+    """The ``| jq ...`` part of ``command``, on ``lines``."""
+    program = shlex.split(command.split("| jq ", 1)[1])
+    out = subprocess.run(
+        [require_peer("jq"), *program], input="\n".join(lines).encode(),
+        capture_output=True, timeout=20, check=True,
+    ).stdout.decode()
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_docs_json_examples(cli: Any) -> None:
+    command = doc_block("--log-format json 2>&1 | jq")
+    server_part = command.split(" 2>&1 ")[0]
+    args = [a.replace(":7007", ":0") for a in server_part.split()[1:]]
+    server = cli([*args, "--deny", "127.0.0.2"])  # and a refusal, for the journald one
+    (tcp,) = listening(server, 1)
+    with socket.create_connection((tcp.host, tcp.port), timeout=5) as s:
+        s.sendall(b"hello")
+        assert s.recv(16) == b"hello"
+    wait_records(server, 1, event="closed")
+    with socket.create_connection((tcp.host, tcp.port), source_address=("127.0.0.2", 0)):
+        wait_records(server, 1, event="refused")
+    assert server.stop() == 0
+
+    (closed,) = jq(command, server.lines)
+    assert list(closed) == ["peer", "duration", "bytes_in", "bytes_out", "reason"]
+    assert closed["bytes_in"] == closed["bytes_out"] == 5 and closed["reason"] is None
+    (refused,) = jq(doc_block("journalctl"), server.lines)
+    assert refused["peer"].startswith("127.0.0.2:")
+    assert refused["reason"] == "denied by 127.0.0.2/32"
+
+    # The example line has the fields a real closing line has (and a request).
+    example = json.loads(doc_block('"event": "closed"', "json"))
+    real = next(r for r in records(server) if r.get("event") == "closed")
+    assert set(example) - {"request"} == set(real)
+    # Every field the table names is one the formatter writes.
+    section = DOC.read_text(encoding="utf-8").split("\n## JSON logs\n", 1)[1].split("\n## ")[0]
+    table = re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \|", section, re.M)
+    named = {name for pair in table for name in pair if name}
+    assert named == COMMON | set(FIELDS) | {"service", "worker", "exc"}

@@ -24,6 +24,8 @@ from sockworks import Endpoint
 from sockworks._metrics import (
     CLOSE_REASONS,
     DROP_REASONS,
+    METRICS,
+    PREFIX,
     REFUSE_REASONS,
     MetricsEndpoint,
     ServiceCounts,
@@ -455,3 +457,70 @@ def test_metrics_are_not_imported_without_metrics() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT,
                          timeout=30).stdout
     assert out.strip() == b"False"
+
+
+# -- the documentation's examples, run as written (fixed ports become 0) ----------
+
+DOC = ROOT / "docs" / "_deploy_observability.md"
+if not DOC.exists():  # merged into deploy.md
+    DOC = ROOT / "docs" / "deploy.md"
+
+
+def doc_block(contains: str, lang: str = "sh") -> str:
+    text = DOC.read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S) if contains in b]
+    assert len(blocks) == 1, f"{DOC.name} has {len(blocks)} {lang} blocks with {contains!r}"
+    return blocks[0].strip()
+
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def test_docs_metrics_examples(cli: Any) -> None:
+    curl = require_peer("curl")
+    command = doc_block("--metrics 127.0.0.1:9100")
+    args = [a.replace(":7007", ":0").replace(":9100", ":0") for a in command.split()[1:]]
+    server = cli(args)
+    tcp, _udp = server.wait_listening(2)
+    url = server.wait_for(METRICS_ON).group(1)
+    for _ in range(3):
+        assert echo_once(tcp, b"doc") == b"doc"
+    wait_count(server, r"closed after", 3)
+
+    shown = subprocess.run(
+        ["sh", "-c", doc_block("curl -s").replace("http://127.0.0.1:9100/metrics", url)],
+        capture_output=True, timeout=20, check=True,
+    ).stdout.decode()
+    assert shown == 'sockworks_connections_opened_total{service="echo"} 3.0\n'
+
+    # The scrape job's target is the endpoint of the command above, and a
+    # scrape as Prometheus asks for it (OpenMetrics) is answered in kind.
+    targets = re.findall(r'targets: \["([^"]+)"\]', doc_block("scrape_configs", "yaml"))
+    assert targets == [command.split("--metrics ")[1].split()[0]]
+    reply = subprocess.run(
+        [curl, "-sS", "--fail", "-H", f"Accept: {PROMETHEUS_ACCEPT}", "-D", "/dev/stderr", url],
+        capture_output=True, timeout=20, check=True,
+    )
+    assert b"application/openmetrics-text" in reply.stderr
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+
+    families = {f.name: f for f in om(reply.stdout.decode())}
+    opened = families["sockworks_connections_opened"]
+    assert [(s.labels, s.value) for s in opened.samples if s.name.endswith("_total")] == [
+        ({"service": "echo"}, 3.0)
+    ]
+    assert server.stop() == 0
+
+
+def test_docs_list_every_metric() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("\n### What is counted\n", 1)[1].split("\n## ")[0]
+    listed = set(re.findall(r"^\| `(sockworks_[a-z_]+)", section, re.M))
+    expected = {PREFIX + name + ("_total" if kind == "counter" else "")
+                for name, (kind, _, _) in METRICS.items()}
+    assert listed == expected
+    for reason in (*CLOSE_REASONS, *REFUSE_REASONS, *DROP_REASONS):
+        assert f"`{reason}`" in section, reason
