@@ -311,6 +311,7 @@ def test_reasons_fall_into_the_fixed_label_sets() -> None:
         ("token too long", "protocol_error"),
         ("session timeout (5 s), exited with status 0; byte counts unknown", "idle_timeout"),
         ("server stopping, exited with status 0; byte counts unknown", "shutdown"),
+        ("server stopping, then SIGKILL; byte counts unknown", "shutdown_aborted"),
         ("aborted, then SIGKILL; byte counts unknown", "shutdown_aborted"),
         ("cannot start /bin/nope: no such file", "handler_error"),
         ("quote sent", "normal"),

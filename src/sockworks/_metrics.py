@@ -145,6 +145,8 @@ def close_reason(reason: str | None) -> str:
         return bucket
     for prefix, bucket in _CLOSE_PREFIXES:
         if reason.startswith(prefix):
+            if bucket == "shutdown" and "SIGKILL" in reason:
+                return "shutdown_aborted"  # exec: killed at the end of the grace period
             return bucket
     if reason.endswith("too long"):  # "request too long", "token too long"
         return "protocol_error"
