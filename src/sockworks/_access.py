@@ -20,8 +20,12 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._shared_limits import SharedLimits
 
 Clock = Callable[[], float]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -181,6 +185,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Why a connection is refused: tests and users grep these texts, and the
+# shared counts (with workers) give the same ones.
+def instances_reason(instances: int) -> str:
+    return f"instance limit ({instances}) reached"
+
+
+def per_source_reason(limit: int) -> str:
+    return f"per-source limit ({limit}) reached"
+
+
+def rate_reason(cps: float) -> str:
+    return f"rate limit ({cps:g} connections/s) exceeded"
+
+
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up."""
 
@@ -208,6 +226,13 @@ class AccessControl:
     ``own_ports`` are the UDP ports this server listens on (a datagram from
     one of them is another service's reply); ``max_datagram`` the largest
     datagram accepted.
+
+    ``shared``: with worker processes, the service's counts shared by all of
+    them (sockworks._shared_limits, attached to this worker's slot): the
+    instances, per-source and cps limits then hold for the service as a
+    whole. Allow/deny and the UDP rules stay per process (a source's UDP
+    rate is per worker). :attr:`active` still counts this process's
+    connections; :attr:`per_source` stays empty.
     """
 
     def __init__(
@@ -217,6 +242,7 @@ class AccessControl:
         *,
         own_ports: Iterable[int] = (),
         max_datagram: int | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -233,6 +259,13 @@ class AccessControl:
         self._source_verdicts: dict[str, str | None] = {}
         # Whether replies are size-checked at all (the amplification guard).
         self.reply_limited = policy.max_amplification is not None
+        self.shared = shared
+        if shared is not None:
+            shared.set_limits(
+                instances=policy.instances, per_source=self.per_source_limit, cps=policy.cps
+            )
+            # The clock is read only for cps.
+            self._shared_clock = clock if policy.cps else _no_clock
 
     # -- connections ----------------------------------------------------
 
@@ -242,14 +275,20 @@ class AccessControl:
         refused = p.decide(host)
         if refused is not None:
             return refused
+        shared = self.shared
+        if shared is not None:
+            refused = shared.admit(host, self._shared_clock())
+            if refused is None:
+                self.active += 1
+            return refused
         if p.instances is not None and self.active >= p.instances:
-            return f"instance limit ({p.instances}) reached"
+            return instances_reason(p.instances)
         count = self.per_source.get(host, 0)
         limit = self.per_source_limit
         if limit is not None and host and count >= limit:
-            return f"per-source limit ({limit}) reached"
+            return per_source_reason(limit)
         if self._cps is not None and not self._cps.take(self.clock()):
-            return f"rate limit ({p.cps:g} connections/s) exceeded"
+            return rate_reason(self._cps.rate)
         self.active += 1
         if host:
             self.per_source[host] = count + 1
@@ -264,11 +303,20 @@ class AccessControl:
         if limit is None or limit < capacity or capacity <= 1:
             return None
         self.per_source_limit = default_per_source(capacity)
+        if self.shared is not None:
+            self.shared.set_limits(
+                instances=self.policy.instances,
+                per_source=self.per_source_limit,
+                cps=self.policy.cps,
+            )
         return self.per_source_limit
 
     def release_connection(self, host: str) -> None:
         """A connection admitted by :meth:`admit_connection` ended."""
         self.active = max(0, self.active - 1)
+        if self.shared is not None:
+            self.shared.release(host)
+            return
         count = self.per_source.get(host)
         if count is None:
             return
@@ -333,6 +381,10 @@ class AccessControl:
                 f" the amplification limit ({allowance} B)"
             )
         return None
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 class LogThrottle:
