@@ -34,6 +34,7 @@ from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
 from .._supervisor import Supervisor
 from .._systemd import claim_environment as claim_systemd_environment
+from .._systemd import process_notifier
 from .._systemd import sockets_given as systemd_sockets_given
 from ..services import SERVICES, ServiceSpec, get_service
 from ._common import (
@@ -517,7 +518,7 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
 
         Supervisor(load, process.workers, announce=announce_workers,
                    after_bind=lambda server: drop(credentials, unix_socket_paths(server)),
-                   hooks=hooks).run()
+                   notifier=process_notifier(), hooks=hooks).run()
     except BindError as exc:
         if not where:
             raise
@@ -594,7 +595,7 @@ def serve_inetd(args: argparse.Namespace) -> int:
     taken = take_stdin()  # a terminal there: one line, before anything changes
     # Standard error may be the connection now: logs go to syslog instead
     # (with it, errors; fail()'s line goes to /dev/null, never the peer).
-    setup_logging(args)
+    setup_logging(args, args.log_format or "text")
     if taken.stderr_is_connection:
         log_to_syslog()
     try:
