@@ -265,7 +265,7 @@ class AccessControl:
                 instances=policy.instances, per_source=self.per_source_limit, cps=policy.cps
             )
             # The clock is read only for cps.
-            self._shared_clock = clock if policy.cps else _no_clock
+            self._shared_cps = policy.cps is not None
 
     # -- connections ----------------------------------------------------
 
@@ -277,7 +277,7 @@ class AccessControl:
             return refused
         shared = self.shared
         if shared is not None:
-            refused = shared.admit(host, self._shared_clock())
+            refused = shared.admit(host, self.clock() if self._shared_cps else 0.0)
             if refused is None:
                 self.active += 1
             return refused
@@ -381,10 +381,6 @@ class AccessControl:
                 f" the amplification limit ({allowance} B)"
             )
         return None
-
-
-def _no_clock() -> float:
-    return 0.0
 
 
 class LogThrottle:
