@@ -28,6 +28,13 @@ from typing import Any
 # fork); None in a single process or the supervising parent.
 WORKER: int | None = None
 
+
+def set_worker(slot: int | None) -> None:
+    """This process is worker ``slot`` (the supervisor sets it after fork)."""
+    global WORKER
+    WORKER = slot
+
+
 # Structured fields a record may carry (``extra=``), in output order.
 FIELDS = (
     "event",

@@ -13,7 +13,9 @@ from typing import Any
 from ._access import AccessPolicy
 from ._config import Limits, SocketOptions
 from ._endpoint import Endpoint
+from ._errors import SockworksError
 from ._metrics import MetricsEndpoint, service_registry
+from ._pool import Binding, SocketPool
 from ._privileges import Credentials, check_paths, drop, required_paths, unix_socket_paths
 from ._server import Server, ServiceConfig
 from ._systemd import Notifier, process_notifier
@@ -38,15 +40,87 @@ def serving_status(server: Server) -> str:
     return "serving " + "; ".join(f"{name} on {', '.join(e)}" for name, e in where.items())
 
 
+class Reloader:
+    """SIGHUP without workers: the configuration is loaded again and a new
+    server starts on the same loop and the same sockets (copies of them
+    from ``pool``); once it accepts, the old one stops accepting and drains,
+    as an old generation of workers does. Listeners no longer configured
+    drop new attempts at once and close when the old server is done."""
+
+    def __init__(
+        self,
+        pool: SocketPool,
+        binding: Binding,
+        load: Callable[[], tuple[Sequence[ServiceConfig], float]],
+        *,
+        announce: Callable[[list[tuple[str, Endpoint]]], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.binding = binding
+        self.load = load
+        self.announce = announce
+        self.draining: set[asyncio.Task[None]] = set()
+        # Servers that ran before: their counts stay in the metrics.
+        self.retired: list[Server] = []
+
+    async def start_next(self) -> Server:
+        """The next configuration, started and accepting beside the running
+        one. Raises :class:`SockworksError` (or OSError) and leaves nothing
+        behind when it cannot: the running configuration stays."""
+        services, grace = self.load()
+        binding = self.pool.attempt(dup=True)
+        server = Server(services, grace=grace, sockets=binding)
+        try:
+            server.bind()
+            await server.start()
+        except BaseException:
+            if server.groups:
+                await server.shutdown(0)
+            binding.rollback()
+            raise
+        previous, self.binding = self.binding, binding
+        self._removed = [k for k in previous.keys if k not in set(binding.keys)]
+        added = [
+            pair for pair, key in zip(server.endpoints, binding.keys, strict=True)
+            if key in binding.new
+        ]
+        if added and self.announce is not None:
+            self.announce(added)
+        return server
+
+    def retire(self, old: Server) -> None:
+        """``old`` stops accepting and drains; listeners it alone had close after."""
+        removed = self._removed
+        self.pool.stop_accepting(removed)
+        old.stop()
+        self.retired.append(old)
+
+        async def drain() -> None:
+            await old.shutdown()
+            in_use = set(self.binding.keys)
+            self.pool.close([k for k in removed if k not in in_use])
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self.draining.add(task)
+        task.add_done_callback(self.draining.discard)
+
+    def groups(self, current: Server) -> list[Any]:
+        return [g for s in (*self.retired, current) for g in s.groups]
+
+
 async def serve_until_signalled(
     server: Server,
     on_ready: Callable[[Server], None] | None = None,
     *,
     notifier: Notifier | None = None,
+    reloader: Reloader | None = None,
 ) -> bool:
     """Start ``server``, call ``on_ready``, serve until SIGINT or SIGTERM,
     then shut down gracefully. A second signal aborts at once.
     Returns True when the shutdown finished within the grace period.
+
+    SIGHUP: with a ``reloader``, the configuration is reloaded (see
+    :class:`Reloader`); without one, certificates are read again.
 
     ``notifier`` (default: this process's, from NOTIFY_SOCKET) hears
     READY=1 once every listener accepts, STOPPING=1, RELOADING=1 and
@@ -56,6 +130,7 @@ async def serve_until_signalled(
     await server.start()
     if on_ready is not None:
         on_ready(server)
+    current = server
     watchdog: asyncio.TimerHandle | None = None
 
     def feed_watchdog() -> None:
@@ -66,6 +141,11 @@ async def serve_until_signalled(
 
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping = False
+    reloading: asyncio.Task[None] | None = None
+    again = False
+
+    def everyone() -> list[Server]:
+        return [*(reloader.retired if reloader else ()), current]
 
     def on_signal(signum: int) -> None:
         nonlocal stopping
@@ -73,20 +153,53 @@ async def serve_until_signalled(
             stopping = True
             log.info("%s received: shutting down", signal.Signals(signum).name)
             notify.stopping()
-            server.stop()
+            current.stop()
         else:
             log.warning("second signal: aborting connections now")
-            for group in server.groups:
-                for conn in list(group.live):
-                    conn.abort()
+            for running in everyone():
+                for group in running.groups:
+                    for conn in list(group.live):
+                        conn.abort()
+
+    async def reload() -> None:
+        nonlocal current, reloading, again
+        assert reloader is not None
+        while True:
+            notify.reloading()
+            log.info("SIGHUP received: reloading the configuration")
+            try:
+                following = await reloader.start_next()
+            except (SockworksError, OSError) as exc:
+                log.error(
+                    "reload failed: %s; still serving the configuration loaded before",
+                    exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+                )
+            else:
+                old, current = current, following
+                if stopping:  # a signal came while it started
+                    current.stop()
+                reloader.retire(old)
+                log.info("reloaded: now serving %s", serving_status(current))
+            notify.ready(serving_status(current))
+            if not again or stopping:
+                break
+            again = False
+        reloading = None
 
     def on_hangup() -> None:
+        nonlocal reloading, again
+        if reloader is not None:
+            if reloading is not None:
+                again = True  # once this one is done
+            elif not stopping:
+                reloading = loop.create_task(reload())
+            return
         # SIGHUP: certificates and keys are read again (renewed by certbot
         # or the like) without a restart; a broken one keeps the old.
         log.info("SIGHUP received: reloading certificates")
         notify.reloading()
-        server.reload_certificates()
-        notify.ready(serving_status(server))
+        current.reload_certificates()
+        notify.ready(serving_status(current))
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
@@ -97,8 +210,19 @@ async def serve_until_signalled(
     if notify.watchdog_interval:
         feed_watchdog()
     try:
-        await server.wait_stopped()
-        return await server.shutdown()
+        while True:
+            waited = current
+            await waited.wait_stopped()
+            if waited is current:  # not an old one a reload stopped
+                break
+        if reloading is not None:
+            await reloading
+        if reloader is not None:
+            reloader.pool.stop_accepting()  # the sockets are the pool's
+        done = await current.shutdown()
+        if reloader is not None and reloader.draining:
+            await asyncio.wait(list(reloader.draining))
+        return done
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -188,6 +312,8 @@ def run_services(
     on_ready: Callable[[Server], None] | None = None,
     credentials: Credentials | None = None,
     metrics: str | MetricsEndpoint | None = None,
+    reload: Callable[[], tuple[Sequence[ServiceConfig], float]] | None = None,
+    announce: Callable[[list[tuple[str, Endpoint]]], None] | None = None,
 ) -> bool:
     """Bind every service, then serve them until a signal (see :func:`serve`).
 
@@ -198,9 +324,18 @@ def run_services(
 
     ``metrics``: serve Prometheus metrics over HTTP there, at /metrics: an
     endpoint bound with the services (closed again on any error), or a
-    :class:`~sockworks._metrics.MetricsEndpoint` the caller bound (and closes)."""
+    :class:`~sockworks._metrics.MetricsEndpoint` the caller bound (and closes).
+
+    ``reload``: SIGHUP gives the configuration again, served in place of
+    the running one on the same sockets (:class:`Reloader`); ``announce``
+    hears the listeners a reload added."""
     configs = list(services)
-    server = Server(configs, grace=grace)
+    pool = SocketPool() if reload is not None else None
+    binding = pool.attempt(dup=True) if pool is not None else None
+    server = Server(configs, grace=grace, sockets=binding)
+    reloader = None
+    if pool is not None and binding is not None and reload is not None:
+        reloader = Reloader(pool, binding, reload, announce=announce)
     owned = MetricsEndpoint.bind(metrics) if isinstance(metrics, str) else None
     endpoint = owned or (metrics if isinstance(metrics, MetricsEndpoint) else None)
     try:
@@ -208,16 +343,24 @@ def run_services(
     except BaseException:
         if owned is not None:
             owned.close()
+        if pool is not None:
+            pool.close()
         raise
     if endpoint is not None:
-        endpoint.serve(service_registry(lambda: server.groups))
+        endpoint.serve(service_registry(
+            lambda: server.groups if reloader is None else reloader.groups(server)
+        ))
     loop = new_event_loop()  # before the drop: it may import uvloop
     try:
         if credentials is not None:
             drop(credentials, unix_socket_paths(server))
             check_paths(required_paths(configs), credentials.who)
-        return loop.run_until_complete(serve_until_signalled(server, on_ready))
+        return loop.run_until_complete(
+            serve_until_signalled(server, on_ready, reloader=reloader)
+        )
     finally:
         loop.close()
         if owned is not None:
             owned.close()
+        if pool is not None:
+            pool.close()

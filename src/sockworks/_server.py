@@ -45,8 +45,9 @@ _RETRY_ACCEPT = 0.5
 _ACCEPT_BATCH = 64
 
 
-# Gives the listening socket for an endpoint instead of binding one here.
-SocketSource = Callable[[Endpoint, SocketOptions], BoundSocket]
+# Gives the listening socket for a service's endpoint instead of binding
+# one here: (service name, endpoint, options).
+SocketSource = Callable[[str, Endpoint, SocketOptions], BoundSocket]
 
 
 @dataclass(frozen=True)
@@ -673,7 +674,7 @@ class Server:
             for config, _driver, bound in plan:
                 for endpoint in config.listen:
                     if self._source is not None:
-                        bound.append(self._source(endpoint, config.options))
+                        bound.append(self._source(config.name, endpoint, config.options))
                     else:
                         bound.append(bind(endpoint, config.options))
                     self._bound.append(bound[-1])

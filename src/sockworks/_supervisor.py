@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import dataclasses
 import logging
 import os
 import selectors
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
-from ._config import SocketOptions
 from ._endpoint import Endpoint
 from ._errors import SockworksError
-from ._server import Server, ServiceConfig, refuse_new_connections
-from ._sockets import BoundSocket, bind
+from ._logformat import set_worker
+from ._pool import Binding, SocketPool
+from ._server import Server, ServiceConfig
 
 log = logging.getLogger("sockworks.supervisor")
 
@@ -78,82 +76,13 @@ class WorkerHooks(Protocol):
 
     def before_fork(self, generation: Generation) -> None: ...
     def in_worker(self, generation: Generation, slot: int) -> None: ...
+    def worker_exiting(self, generation: Generation, slot: int) -> None: ...
     def worker_exited(self, generation: Generation, slot: int, pid: int) -> None: ...
     def generation_ended(self, generation: Generation) -> None: ...
 
 
 # A configuration as loaded: the services and their grace period.
 Loaded = tuple[Sequence[ServiceConfig], float]
-
-
-class SocketPool:
-    """The parent's listening sockets, by the endpoint as configured (the
-    n-th listener on ``tcp:127.0.0.1:0`` is the same socket at every
-    reload): a reload keeps the sockets of the endpoints it keeps."""
-
-    def __init__(self) -> None:
-        self.sockets: dict[tuple[Endpoint, int], BoundSocket] = {}
-
-    def attempt(self) -> Binding:
-        return Binding(self)
-
-    def close(self, keys: Sequence[tuple[Endpoint, int]] | None = None) -> None:
-        """Close these sockets (all when None), unlinking Unix paths we made."""
-        for key in list(self.sockets) if keys is None else keys:
-            bound = self.sockets.pop(key, None)
-            if bound is None:
-                continue
-            bound.sock.close()
-            # An inherited socket (systemd's) is its owner's to unlink.
-            if (
-                bound.endpoint.transport in ("unix", "unixgram")
-                and bound.endpoint.path
-                and not bound.endpoint.inherited
-            ):
-                try:
-                    os.unlink(bound.endpoint.path)
-                except OSError:
-                    pass
-
-    def stop_accepting(self, keys: Sequence[tuple[Endpoint, int]] | None = None) -> None:
-        """New connection attempts to these stream sockets are dropped from
-        now on (clients retry, then find the port closed); what is queued
-        is still accepted by the workers draining."""
-        for key in list(self.sockets) if keys is None else keys:
-            bound = self.sockets.get(key)
-            # Not an inherited socket: the filter would stay on systemd's
-            # copy, and the next activation could never accept.
-            if bound is not None and bound.endpoint.is_stream and not bound.endpoint.inherited:
-                refuse_new_connections(bound.sock)
-
-
-class Binding:
-    """One configuration's sockets from the pool: the ones it shares with
-    the running configuration, and the ones bound anew for it."""
-
-    def __init__(self, pool: SocketPool) -> None:
-        self.pool = pool
-        self.keys: list[tuple[Endpoint, int]] = []
-        self.new: list[tuple[Endpoint, int]] = []
-        self._seen: Counter[Endpoint] = Counter()
-
-    def __call__(self, endpoint: Endpoint, options: SocketOptions) -> BoundSocket:
-        # TLS is a layer above the socket: turning it on keeps the socket.
-        plain = dataclasses.replace(endpoint, tls=False)
-        key = (plain, self._seen[plain])
-        self._seen[plain] += 1
-        self.keys.append(key)
-        bound = self.pool.sockets.get(key)
-        if bound is None:
-            bound = bind(endpoint, options)
-            self.pool.sockets[key] = bound
-            self.new.append(key)
-        return BoundSocket(bound.sock, dataclasses.replace(bound.endpoint, tls=endpoint.tls))
-
-    def rollback(self) -> None:
-        """The configuration will not run: close what was bound for it."""
-        self.pool.close(self.new)
-        self.new.clear()
 
 
 @dataclass(eq=False)
@@ -434,6 +363,7 @@ class Supervisor:
                 if other.ready_fd is not None:
                     os.close(other.ready_fd)
             _die_with_parent(parent)
+            set_worker(slot)  # the "worker" field of JSON log lines
             for hook in self.hooks:
                 hook.in_worker(gen, slot)
 
@@ -442,6 +372,8 @@ class Supervisor:
                 started.append(True)
 
             status = run_worker(gen.server, ready)
+            for hook in self.hooks:  # the last counts, before the process goes
+                hook.worker_exiting(gen, slot)
         except BaseException as exc:  # whatever it is, never back into the parent's code
             try:
                 if not started:  # the parent says it, in one line

@@ -494,7 +494,7 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
 
         if process.workers is None:
             run_services(configs, grace=grace, on_ready=ready, credentials=credentials,
-                         metrics=metrics)
+                         metrics=metrics, reload=reload, announce=announce_endpoints)
             return
         if metrics is not None:
             hooks.append(WorkerMetrics(metrics))
