@@ -195,9 +195,7 @@ def test_the_formatter_never_writes_invalid_json() -> None:
 
 # -- the documentation's examples ---------------------------------------------
 
-DOC = ROOT / "docs" / "_deploy_observability.md"
-if not DOC.exists():  # merged into deploy.md
-    DOC = ROOT / "docs" / "deploy.md"
+DOC = ROOT / "docs" / "deploy.md"
 
 
 def doc_block(contains: str, lang: str = "sh") -> str:

@@ -462,9 +462,7 @@ def test_metrics_are_not_imported_without_metrics() -> None:
 
 # -- the documentation's examples, run as written (fixed ports become 0) ----------
 
-DOC = ROOT / "docs" / "_deploy_observability.md"
-if not DOC.exists():  # merged into deploy.md
-    DOC = ROOT / "docs" / "deploy.md"
+DOC = ROOT / "docs" / "deploy.md"
 
 
 def doc_block(contains: str, lang: str = "sh") -> str:
