@@ -509,3 +509,72 @@ def test_one_process_reload_under_load_refuses_and_resets_nothing(
             t.join()
     assert not errors, errors[:5]
     assert server.stop() == 0
+
+
+# -- limits for the service as a whole ------------------------------------
+
+
+def echoes(sock: socket.socket, data: bytes = b"x") -> bool:
+    """Whether ``sock`` is served (an echo), not refused (closed at once)."""
+    sock.sendall(data)
+    try:
+        return sock.recv(100) == data
+    except ConnectionResetError:
+        return False
+
+
+def test_per_source_holds_across_workers_and_a_dead_workers_share_is_freed(
+    cli: type[CLIProcess],
+) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2",
+                  "--per-source", "3"])
+    [endpoint] = server.wait_listening(1)
+    a, b = sorted(children(server.proc.pid))
+    # Three connections, all to worker a (b is stopped).
+    os.kill(b, signal.SIGSTOP)
+    try:
+        held = [connect(endpoint) for _ in range(3)]
+        assert all(echoes(s) for s in held)
+    finally:
+        os.kill(b, signal.SIGCONT)
+    # A fourth goes to worker b, which holds none itself: refused all the same.
+    os.kill(a, signal.SIGSTOP)
+    try:
+        with connect(endpoint) as fourth:
+            assert not echoes(fourth)
+        server.wait_for(r"refused: per-source limit \(3\) reached")
+    finally:
+        os.kill(a, signal.SIGCONT)
+    # Worker a dies with its three: they are no longer counted.
+    os.kill(a, signal.SIGKILL)
+    server.wait_for(rf"worker \d \(pid {a}\) was killed by SIGKILL")
+    for s in held:
+        s.close()
+    again = [connect(endpoint) for _ in range(3)]
+    assert all(echoes(s) for s in again)
+    for s in again:
+        s.close()
+    assert server.stop() == 0
+
+
+def test_instances_hold_across_workers(cli: type[CLIProcess]) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2",
+                  "--instances", "2", "--per-source", "0"])
+    [endpoint] = server.wait_listening(1)
+    a, b = sorted(children(server.proc.pid))
+    os.kill(b, signal.SIGSTOP)
+    try:
+        held = [connect(endpoint) for _ in range(2)]
+        assert all(echoes(s) for s in held)
+    finally:
+        os.kill(b, signal.SIGCONT)
+    os.kill(a, signal.SIGSTOP)
+    try:
+        with connect(endpoint) as third:
+            assert not echoes(third)
+    finally:
+        os.kill(a, signal.SIGCONT)
+    server.wait_for(r"refused: instance limit \(2\) reached")
+    for s in held:
+        s.close()
+    assert server.stop() == 0

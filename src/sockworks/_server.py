@@ -33,6 +33,7 @@ from ._endpoint import Endpoint, parse_endpoint
 from ._errors import CertificateError, ConfigError
 from ._protocol import Peer
 from ._proxy_io import ProxyHeaderError, proxied_peer, read_proxy_header
+from ._shared_limits import SharedLimits
 from ._sockets import BoundSocket, apply_options, bind, format_peer
 from ._tls import peer_subject, server_context, tls_failure_reason
 
@@ -625,9 +626,9 @@ class Server:
         self.grace = grace
         self._source = sockets
         self.owns_sockets = sockets is None
-        # Per service name: limits that hold across worker processes
-        # (set by the supervisor before start).
-        self.shared_limits: dict[str, Any] = {}
+        # Per service name: connection limits that hold across worker
+        # processes (set by the supervisor before it forks).
+        self.shared_limits: dict[str, SharedLimits] = {}
         self.groups: list[ConnectionGroup] = []
         self.endpoints: list[tuple[str, Endpoint]] = []
         self._listeners: list[_SocketListener | _TransportListener] = []
@@ -717,6 +718,7 @@ class Server:
                     loop.time,
                     own_ports=udp_ports,
                     max_datagram=config.limits.max_datagram,
+                    shared=self.shared_limits.get(config.name),
                 )
             group = ConnectionGroup(
                 config.name,

@@ -42,6 +42,7 @@ from ._errors import SockworksError
 from ._logformat import set_worker
 from ._pool import Binding, SocketPool
 from ._server import Server, ServiceConfig
+from ._shared_limits import SharedLimits
 
 log = logging.getLogger("sockworks.supervisor")
 
@@ -54,6 +55,10 @@ BACKOFF_FIRST, BACKOFF_MAX, STABLE = 0.1, 10.0, 10.0
 # After the grace period, how long the parent waits for workers to exit
 # (they abort what is left themselves) before it kills them.
 EXIT_MARGIN = 5.0
+# Worker slot numbers per worker asked for: the current generation, one
+# draining after a reload, and room for one more reload meanwhile. What a
+# worker holds in shared state is found by its slot.
+SLOTS_PER_WORKER = 4
 # Readiness messages on a worker's pipe: ready, or the reason it could not start.
 _READY, _FAILED = b"R", b"E"
 
@@ -79,6 +84,7 @@ class WorkerHooks(Protocol):
     def worker_exiting(self, generation: Generation, slot: int) -> None: ...
     def worker_exited(self, generation: Generation, slot: int, pid: int) -> None: ...
     def generation_ended(self, generation: Generation) -> None: ...
+    def close(self) -> None: ...
 
 
 # A configuration as loaded: the services and their grace period.
@@ -320,13 +326,13 @@ class Supervisor:
         that what a worker holds in shared state is found by its slot."""
         taken = {w.slot for w in self._pids.values()}
         taken |= {s for g in self._generations() for s in g.due}
-        slots: list[int] = []
-        n = 0
-        while len(slots) < count:
-            if n not in taken:
-                slots.append(n)
-            n += 1
-        return slots
+        free = [n for n in range(SLOTS_PER_WORKER * self.count) if n not in taken]
+        if len(free) < count:
+            raise SockworksError(
+                f"{len(taken)} workers of earlier configurations are still running or"
+                " draining; reload again once they have finished"
+            )
+        return free[:count]
 
     def _fork(self, gen: Generation, slot: int) -> None:
         ready_r, ready_w = os.pipe()
@@ -519,6 +525,7 @@ class Supervisor:
         server = Server(services, grace=grace, sockets=binding)
         try:
             server.bind()
+            self._free_slots(self.count)  # room for the new generation
         except (SockworksError, OSError) as exc:
             binding.rollback()
             self._reload_refused(str(exc))
@@ -588,6 +595,59 @@ class Supervisor:
             return
         where = ", ".join(f"{name} on {endpoint}" for name, endpoint in gen.server.endpoints)
         self.notifier.ready(f"{len(gen.workers)} worker(s) serving {where}")
+
+
+class SharedConnectionLimits:
+    """A service's ``instances``, ``per_source`` and ``cps`` held for the
+    service as a whole rather than per worker: one :class:`SharedLimits`
+    per service, created in the parent before it forks, each worker
+    attached to its slot, a dead worker's counts reaped. It is kept across
+    reloads for a service of the same name, so the connections the old
+    generation still holds count against the new one's limits."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.by_service: dict[str, SharedLimits] = {}
+        self._users: dict[str, set[int]] = {}  # generations using each
+
+    def before_fork(self, generation: Generation) -> None:
+        for config in generation.server.services:
+            policy = config.access
+            if policy is None or (
+                policy.per_source is None and policy.instances is None and policy.cps is None
+            ):
+                continue
+            shared = self.by_service.get(config.name)
+            if shared is None:
+                shared = SharedLimits.create(
+                    capacity=config.limits.max_connections, slots=self.slots
+                )
+                self.by_service[config.name] = shared
+            generation.server.shared_limits[config.name] = shared
+            self._users.setdefault(config.name, set()).add(generation.number)
+
+    def in_worker(self, generation: Generation, slot: int) -> None:
+        for shared in generation.server.shared_limits.values():
+            shared.attach(slot)
+
+    def worker_exiting(self, generation: Generation, slot: int) -> None:
+        pass  # its connections are gone; the parent reaps the slot
+
+    def worker_exited(self, generation: Generation, slot: int, pid: int) -> None:
+        for shared in generation.server.shared_limits.values():
+            shared.reap(slot)
+
+    def generation_ended(self, generation: Generation) -> None:
+        for name in list(generation.server.shared_limits):
+            users = self._users.get(name, set())
+            users.discard(generation.number)
+            if not users and name in self.by_service:
+                self.by_service.pop(name).close()
+
+    def close(self) -> None:
+        for shared in self.by_service.values():
+            shared.close()
+        self.by_service.clear()
 
 
 def run_worker(server: Server, on_ready: Callable[[], None]) -> int:

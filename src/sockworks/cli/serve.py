@@ -32,7 +32,7 @@ from .._run import run_services
 from .._server import Server, ServiceConfig
 from .._sockets import bind as bind_socket
 from .._sockets import descriptor_limit, raise_limit_hint
-from .._supervisor import Supervisor
+from .._supervisor import SLOTS_PER_WORKER, SharedConnectionLimits, Supervisor, WorkerHooks
 from .._systemd import claim_environment as claim_systemd_environment
 from .._systemd import process_notifier
 from .._systemd import sockets_given as systemd_sockets_given
@@ -477,7 +477,7 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
     process = process or ProcessSettings()
     grace = 5.0 if grace is None else grace
     metrics: MetricsEndpoint | None = None
-    hooks: list[WorkerMetrics] = []
+    hooks: list[WorkerHooks] = []
     try:
         check_descriptors(configs)
         setup_logging(args, process.log_format)
@@ -496,6 +496,9 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
             run_services(configs, grace=grace, on_ready=ready, credentials=credentials,
                          metrics=metrics, reload=reload, announce=announce_endpoints)
             return
+        # --per-source, --instances and --cps hold for the service as a whole.
+        limits = SharedConnectionLimits(slots=SLOTS_PER_WORKER * process.workers)
+        hooks.append(limits)
         if metrics is not None:
             hooks.append(WorkerMetrics(metrics))
         first = (configs, grace)
