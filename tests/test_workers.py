@@ -26,11 +26,17 @@ from sockworks import Endpoint, parse_endpoint
 # and the text of ANSWER (to tell configurations apart).
 PID_APP = """
 import os
-import re
 ANSWER = "one"
 
 async def handle(stream):
     await stream.write(f"{os.getpid()} {ANSWER}\\n".encode())
+"""
+# The same in the seeds' blocking style, on a worker's threads.
+PID_APP_BLOCKING = """
+import os
+
+def handle(conn):
+    conn.sendall(f"{os.getpid()} blocking\\n".encode())
 """
 
 
@@ -51,16 +57,19 @@ def served_by(endpoint: Endpoint) -> int:
     return int(ask(endpoint).split()[0])
 
 
-def start_pid_app(cli: type[CLIProcess], tmp_path: Path, *extra: str) -> CLIProcess:
-    (tmp_path / "pidapp.py").write_text(textwrap.dedent(PID_APP), encoding="utf-8")
+def start_pid_app(
+    cli: type[CLIProcess], tmp_path: Path, *extra: str, source: str = PID_APP
+) -> CLIProcess:
+    (tmp_path / "pidapp.py").write_text(textwrap.dedent(source), encoding="utf-8")
     return cli(["serve", "pidapp:handle", "--app-dir", str(tmp_path),
                 "-l", "tcp:127.0.0.1:0", *extra])
 
 
+@pytest.mark.parametrize("source", [PID_APP, PID_APP_BLOCKING], ids=["async", "blocking"])
 def test_two_workers_share_the_listener_and_each_accepts(
-    cli: type[CLIProcess], tmp_path: Path
+    cli: type[CLIProcess], tmp_path: Path, source: str
 ) -> None:
-    server = start_pid_app(cli, tmp_path, "--workers", "2")
+    server = start_pid_app(cli, tmp_path, "--workers", "2", source=source)
     [endpoint] = server.wait_listening(1)
     workers = children(server.proc.pid)
     assert len(workers) == 2, workers
