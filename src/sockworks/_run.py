@@ -174,6 +174,8 @@ async def serve_until_signalled(
                     "reload failed: %s; still serving the configuration loaded before",
                     exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
                 )
+            except Exception:  # a defect: said in full, and serving goes on
+                log.exception("reload failed; still serving the configuration loaded before")
             else:
                 old, current = current, following
                 if stopping:  # a signal came while it started

@@ -521,13 +521,19 @@ class Supervisor:
         except SockworksError as exc:
             self._reload_refused(str(exc))
             return
+        except Exception as exc:  # a defect: said in full, and serving goes on
+            log.exception("reading the configuration failed")
+            self._reload_refused(f"{type(exc).__name__}: {exc}")
+            return
         binding = self.pool.attempt()
         server = Server(services, grace=grace, sockets=binding)
         try:
             server.bind()
             self._free_slots(self.count)  # room for the new generation
-        except (SockworksError, OSError) as exc:
+        except Exception as exc:
             binding.rollback()
+            if not isinstance(exc, (SockworksError, OSError)):
+                log.exception("binding the new configuration failed")
             self._reload_refused(str(exc))
             return
         self.pending = self._start_generation(server, grace, binding)
