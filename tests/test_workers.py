@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLIProcess, connect, recv_all, run_cli
+from conftest import CLIProcess, connect, recv_all, require_peer, run_cli
 
 from sockworks import Endpoint, parse_endpoint
 
@@ -586,4 +586,20 @@ def test_instances_hold_across_workers(cli: type[CLIProcess]) -> None:
     server.wait_for(r"refused: instance limit \(2\) reached")
     for s in held:
         s.close()
+    assert server.stop() == 0
+
+
+def test_the_metrics_server_of_workers_is_replaced_when_it_dies(cli: type[CLIProcess]) -> None:
+    curl = require_peer("curl")
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2",
+                  "--metrics", "127.0.0.1:0"])
+    server.wait_listening(1)
+    url = server.wait_for(r"metrics on (http://\S+)").group(1)
+    found = subprocess.run(["pgrep", "-P", str(server.proc.pid), "-f", "_files_server_main"],
+                           capture_output=True, text=True).stdout.split()
+    assert len(found) == 1
+    os.kill(int(found[0]), signal.SIGKILL)
+    server.wait_for(rf"metrics server \(pid {found[0]}\) exited; starting another")
+    scraped = subprocess.run([curl, "-sS", url], capture_output=True, text=True, timeout=10)
+    assert 'sockworks_connections_open{service="echo"} 0.0' in scraped.stdout, scraped
     assert server.stop() == 0

@@ -857,6 +857,12 @@ class WorkerMetrics:
     def generation_ended(self, generation: Any = None) -> None:
         self._fold()
 
+    def child_exited(self, pid: int) -> None:
+        """A child of the supervisor exited: if it was the metrics server,
+        another starts now (logged), not at the next worker's exit."""
+        if self._server is not None and self._server.pid == pid:
+            self._ensure_server()
+
     def _fold(self) -> None:
         """Dead workers' counter files into the archive, under the
         exclusive lock; if a scrape holds it, at the next call."""

@@ -84,6 +84,7 @@ class WorkerHooks(Protocol):
     def worker_exiting(self, generation: Generation, slot: int) -> None: ...
     def worker_exited(self, generation: Generation, slot: int, pid: int) -> None: ...
     def generation_ended(self, generation: Generation) -> None: ...
+    def child_exited(self, pid: int) -> None: ...  # a child that is not a worker
     def close(self) -> None: ...
 
 
@@ -428,8 +429,10 @@ class Supervisor:
             if pid == 0:
                 return
             worker = self._pids.pop(pid, None)
-            if worker is None:
-                continue  # not a worker (a program a hook started)
+            if worker is None:  # a program a hook started (the metrics server)
+                for hook in self.hooks:
+                    hook.child_exited(pid)
+                continue
             self._worker_exited(worker, status)
 
     def _worker_exited(self, worker: Worker, status: int) -> None:
@@ -649,6 +652,9 @@ class SharedConnectionLimits:
             users.discard(generation.number)
             if not users and name in self.by_service:
                 self.by_service.pop(name).close()
+
+    def child_exited(self, pid: int) -> None:
+        pass
 
     def close(self) -> None:
         for shared in self.by_service.values():
