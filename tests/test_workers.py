@@ -601,5 +601,5 @@ def test_the_metrics_server_of_workers_is_replaced_when_it_dies(cli: type[CLIPro
     os.kill(int(found[0]), signal.SIGKILL)
     server.wait_for(rf"metrics server \(pid {found[0]}\) exited; starting another")
     scraped = subprocess.run([curl, "-sS", url], capture_output=True, text=True, timeout=10)
-    assert 'sockworks_connections_open{service="echo"} 0.0' in scraped.stdout, scraped
+    assert "# TYPE sockworks_connections_open gauge" in scraped.stdout, scraped  # served again
     assert server.stop() == 0
