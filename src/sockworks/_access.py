@@ -20,12 +20,9 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ._errors import ConfigError
-
-if TYPE_CHECKING:
-    from ._shared_limits import SharedLimits
 
 Clock = Callable[[], float]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -220,6 +217,18 @@ class TokenBucket:
         return False
 
 
+class SharedCounts(Protocol):
+    """A service's connection counts shared by its worker processes
+    (``sockworks._shared_limits.SharedLimits``, which builds on this
+    module: hence a protocol here, not an import)."""
+
+    def set_limits(
+        self, *, instances: int | None, per_source: int | None, cps: float | None
+    ) -> None: ...
+    def admit(self, host: str, now: float) -> str | None: ...
+    def release(self, host: str) -> None: ...
+
+
 class AccessControl:
     """One service's policy at run time: its counters and buckets.
 
@@ -242,7 +251,7 @@ class AccessControl:
         *,
         own_ports: Iterable[int] = (),
         max_datagram: int | None = None,
-        shared: SharedLimits | None = None,
+        shared: SharedCounts | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock

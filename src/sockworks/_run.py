@@ -92,6 +92,7 @@ class Reloader:
         """``old`` stops accepting and drains; listeners it alone had close after."""
         removed = self._removed
         self.pool.stop_accepting(removed)
+        old.stop_accepting()  # at once: from here on, the new one accepts
         old.stop()
         self.retired.append(old)
 

@@ -787,6 +787,15 @@ class Server:
             log.info("%s: certificate %s loaded again", config.name, config.tls.cert)
         return renewed
 
+    def stop_accepting(self) -> None:
+        """Accept nothing more from now on: a reload's old server, whose
+        sockets a new one accepts on. :meth:`shutdown` then still serves
+        what is queued and finishes the connections."""
+        for group in self.groups:
+            group.shutting_down = True  # a freed slot resumes no listener
+        for listener in self._listeners:
+            listener.pause()
+
     def stop(self) -> None:
         """Ask the server to shut down (thread-safe from the loop only)."""
         if self._stopped is not None:

@@ -617,7 +617,7 @@ class SharedConnectionLimits:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.by_service: dict[str, SharedLimits] = {}
-        self._users: dict[str, set[int]] = {}  # generations using each
+        self._users: dict[int, set[int]] = {}  # by id: the generations using it
 
     def before_fork(self, generation: Generation) -> None:
         for config in generation.server.services:
@@ -626,14 +626,17 @@ class SharedConnectionLimits:
                 policy.per_source is None and policy.instances is None and policy.cps is None
             ):
                 continue
+            # What one worker may hold: its connections, and a whole backlog
+            # it accepts while it drains.
+            capacity = config.limits.max_connections + config.options.backlog
             shared = self.by_service.get(config.name)
-            if shared is None:
-                shared = SharedLimits.create(
-                    capacity=config.limits.max_connections, slots=self.slots
-                )
+            if shared is None or shared.capacity < capacity:
+                # New, or too small for the new configuration: counting
+                # starts afresh (the old generation keeps its own until it ends).
+                shared = SharedLimits.create(capacity=capacity, slots=self.slots)
                 self.by_service[config.name] = shared
             generation.server.shared_limits[config.name] = shared
-            self._users.setdefault(config.name, set()).add(generation.number)
+            self._users.setdefault(id(shared), set()).add(generation.number)
 
     def in_worker(self, generation: Generation, slot: int) -> None:
         for shared in generation.server.shared_limits.values():
@@ -647,11 +650,15 @@ class SharedConnectionLimits:
             shared.reap(slot)
 
     def generation_ended(self, generation: Generation) -> None:
-        for name in list(generation.server.shared_limits):
-            users = self._users.get(name, set())
+        for name, shared in generation.server.shared_limits.items():
+            users = self._users.get(id(shared), set())
             users.discard(generation.number)
-            if not users and name in self.by_service:
-                self.by_service.pop(name).close()
+            if users:
+                continue  # a generation still running counts in it
+            self._users.pop(id(shared), None)
+            if self.by_service.get(name) is shared:
+                del self.by_service[name]
+            shared.close()
 
     def child_exited(self, pid: int) -> None:
         pass
