@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
+from ._drivers.exec import exit_of
 from ._endpoint import Endpoint
 from ._errors import SockworksError
 from ._logformat import set_worker
@@ -709,14 +710,8 @@ async def _serve(server: Server, on_ready: Callable[[], None]) -> None:
 
 def describe_status(status: int) -> str:
     """``exited with status 1`` or ``was killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"was killed by {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+    code, killer = exit_of(status)
+    return f"was killed by {killer}" if killer else f"exited with status {code}"
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -192,16 +192,21 @@ def connection_environment(sock: socket.socket, peer: Peer) -> dict[str, str]:
     return out
 
 
-def describe_status(status: int) -> str:
-    """``exit 0``, ``exit 3``, ``killed by SIGTERM``."""
+def exit_of(status: int) -> tuple[int | None, str | None]:
+    """A wait status as (exit code, None) or (None, the signal's name)."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
-            name = signal.Signals(sig).name
+            return None, signal.Signals(sig).name
         except ValueError:
-            name = f"signal {sig}"
-        return f"killed by {name}"
-    return f"exit {os.waitstatus_to_exitcode(status)}"
+            return None, f"signal {sig}"
+    return os.waitstatus_to_exitcode(status), None
+
+
+def describe_status(status: int) -> str:
+    """``exit 0``, ``exit 3``, ``killed by SIGTERM``."""
+    code, killer = exit_of(status)
+    return f"killed by {killer}" if killer else f"exit {code}"
 
 
 def _above_stdio(fd: int) -> tuple[int, bool]:
