@@ -63,6 +63,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -316,7 +317,7 @@ def cpu_list(ids: Sequence[int]) -> str:
 
 def placements(args: argparse.Namespace) -> dict[str, Placement]:
     have = cpus()
-    if args.no_pin or len(have) < 2:
+    if args.no_pin or len(have) < 2 or shutil.which("taskset") is None:
         core = Placement("unpinned", None, None)
     else:
         core = Placement(f"server CPU {have[0]}, load CPU {cpu_list(have[1:])}",
