@@ -348,7 +348,9 @@ def contenders(args: argparse.Namespace) -> tuple[list[Contender], list[str]]:
                              core, sockworks()))
         out += [Contender(f"workers-{n}", f"sockworks serve SERVICE -q --workers {n}", "core",
                           n, core, sockworks(workers=n)) for n in ns]
-    if "scale" in args.sections:
+    if "scale" in args.sections and core.server_cpus is None:
+        notes.append("scale: needs pinning (taskset, 2 CPUs or more, no --no-pin)")
+    elif "scale" in args.sections:
         fits = [n for n in ns if scale_placement(n) is not None]
         for n in ns:
             if n not in fits:
