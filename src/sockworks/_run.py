@@ -88,13 +88,14 @@ class Reloader:
             self.announce(added)
         return server
 
-    def retire(self, old: Server) -> None:
-        """``old`` stops accepting and drains; listeners it alone had close after."""
+    async def retire(self, old: Server) -> None:
+        """``old`` stops accepting (it serves what is queued: those came
+        before the reload) and drains; listeners it alone had close after."""
         removed = self._removed
         self.pool.stop_accepting(removed)
-        old.stop_accepting()  # at once: from here on, the new one accepts
-        old.stop()
         self.retired.append(old)
+        await old.stop_accepting()  # from here on, only the new one accepts
+        old.stop()
 
         async def drain() -> None:
             await old.shutdown()
@@ -181,7 +182,7 @@ async def serve_until_signalled(
                 old, current = current, following
                 if stopping:  # a signal came while it started
                     current.stop()
-                reloader.retire(old)
+                await reloader.retire(old)
                 log.info("reloaded: now serving %s", serving_status(current))
             notify.ready(serving_status(current))
             if not again or stopping:

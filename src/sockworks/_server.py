@@ -626,6 +626,7 @@ class Server:
         self.grace = grace
         self._source = sockets
         self.owns_sockets = sockets is None
+        self._accepting_stopped = False
         # Per service name: connection limits that hold across worker
         # processes (set by the supervisor before it forks).
         self.shared_limits: dict[str, SharedLimits] = {}
@@ -787,14 +788,23 @@ class Server:
             log.info("%s: certificate %s loaded again", config.name, config.tls.cert)
         return renewed
 
-    def stop_accepting(self) -> None:
-        """Accept nothing more from now on: a reload's old server, whose
-        sockets a new one accepts on. :meth:`shutdown` then still serves
-        what is queued and finishes the connections."""
+    async def stop_accepting(self, timeout: float | None = None) -> None:
+        """Accept nothing more: what already waits in a backlog is taken and
+        served (a close would reset it), then every listener closes.
+        :meth:`shutdown` begins with this; a reload's old server does it
+        before the new configuration is announced, so that every connection
+        that comes later is the new one's."""
+        if self._accepting_stopped:
+            return
+        self._accepting_stopped = True
         for group in self.groups:
             group.shutting_down = True  # a freed slot resumes no listener
+            group.start_held_for_shutdown()
+        drains = [asyncio.ensure_future(listener.drain()) for listener in self._listeners]
+        if drains:
+            await asyncio.wait(drains, timeout=self.grace if timeout is None else timeout)
         for listener in self._listeners:
-            listener.pause()
+            listener.close()
 
     def stop(self) -> None:
         """Ask the server to shut down (thread-safe from the loop only)."""
@@ -809,17 +819,10 @@ class Server:
         """Stop accepting, let connections finish for ``grace`` seconds,
         then abort the rest. Returns True when everything finished in time."""
         grace = self.grace if grace is None else grace
-        for group in self.groups:
-            group.shutting_down = True
-            group.start_held_for_shutdown()
         # What already waits in a backlog is served (told of the shutdown
         # once it has started, like every other connection), then the
         # listeners close: new peers are refused, not queued.
-        drains = [asyncio.ensure_future(listener.drain()) for listener in self._listeners]
-        if drains:
-            await asyncio.wait(drains, timeout=grace)
-        for listener in self._listeners:
-            listener.close()
+        await self.stop_accepting(grace)
         for _group, conn in self._datagram_conns:
             conn.begin_shutdown()
         for group in self.groups:

@@ -60,8 +60,9 @@ EXIT_MARGIN = 5.0
 # draining after a reload, and room for one more reload meanwhile. What a
 # worker holds in shared state is found by its slot.
 SLOTS_PER_WORKER = 4
-# Readiness messages on a worker's pipe: ready, or the reason it could not start.
-_READY, _FAILED = b"R", b"E"
+# Readiness messages on a worker's pipe: ready; stopped accepting (told
+# to stop or drain); or the reason it could not start.
+_READY, _STOPPED, _FAILED = b"R", b"S", b"E"
 
 
 class Notifier(Protocol):
@@ -101,6 +102,8 @@ class Worker:
     ready_fd: int | None
     started: float
     ready: bool = False
+    # Cleared when it says it stopped accepting (a reload's old worker).
+    accepting: bool = True
     # Why it could not start, as it said on its readiness pipe.
     failure: str | None = None
 
@@ -117,6 +120,8 @@ class Generation:
     # Slots whose worker died, with the time a replacement is due.
     due: dict[int, float] = field(default_factory=dict)
     draining: bool = False
+    # A draining generation's workers are killed if still there by then.
+    deadline: float | None = None
     # Extra state of the hooks (shared limits, metrics), by name.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +175,8 @@ class Supervisor:
         self._failure: str | None = None
         self._backoff: dict[int, float] = {}
         self._watchdog_due: float | None = None
+        # The old generation of a reload, until it has stopped accepting.
+        self._switching: Generation | None = None
 
     # -- the parent's loop ---------------------------------------------
 
@@ -265,6 +272,7 @@ class Supervisor:
                     deadlines.append(w.started + READY_TIMEOUT)
         if self._stop_deadline is not None:
             deadlines.append(self._stop_deadline)
+        deadlines.extend(g.deadline for g in self.old if g.deadline is not None and g.workers)
         if self._watchdog_due is not None:
             deadlines.append(self._watchdog_due)
         if not deadlines:
@@ -379,7 +387,10 @@ class Supervisor:
                 os.write(ready_w, _READY)
                 started.append(True)
 
-            status = run_worker(gen.server, ready)
+            def stopped_accepting() -> None:
+                os.write(ready_w, _STOPPED)
+
+            status = run_worker(gen.server, ready, stopped_accepting)
             for hook in self.hooks:  # the last counts, before the process goes
                 hook.worker_exiting(gen, slot)
         except BaseException as exc:  # whatever it is, never back into the parent's code
@@ -400,16 +411,21 @@ class Supervisor:
             data = os.read(worker.ready_fd, 512)
         except BlockingIOError:
             return
-        if data.startswith(_READY):
-            worker.ready = True
-            log.debug("worker %d (pid %d) ready", worker.slot, worker.pid)
+        if not data:  # EOF: it exited; the reaper tells how
             self._close_ready(worker)
-            self._after_ready(worker.generation)
-        elif data.startswith(_FAILED):
+            return
+        if data.startswith(_FAILED):  # before it was ready, and last
             worker.failure = data[1:].decode(errors="replace")
             self._close_ready(worker)
-        else:  # EOF: it died first; the reaper tells how
-            self._close_ready(worker)
+            return
+        for message in data:
+            if message == _READY[0] and not worker.ready:
+                worker.ready = True
+                log.debug("worker %d (pid %d) ready", worker.slot, worker.pid)
+                self._after_ready(worker.generation)
+            elif message == _STOPPED[0]:
+                worker.accepting = False
+                self._switch_settled()
 
     def _close_ready(self, worker: Worker) -> None:
         if worker.ready_fd is not None:
@@ -449,6 +465,8 @@ class Supervisor:
             log.debug("worker %d (pid %d) %s", worker.slot, worker.pid, how)
             if gen.draining and not gen.workers:
                 self._retire(gen)
+            elif gen is self._switching:
+                self._switch_settled()
             return
         why = worker.failure
         what = f"worker {worker.slot} (pid {worker.pid}) {how}" + (f": {why}" if why else "")
@@ -490,6 +508,13 @@ class Supervisor:
                               worker.slot, worker.pid, READY_TIMEOUT)
                     worker.failure = f"not ready after {READY_TIMEOUT:.0f} s"
                     worker.started = float("inf")  # once
+                    _kill(worker.pid, signal.SIGKILL)
+        for gen in self.old:
+            if gen.deadline is not None and now >= gen.deadline and gen.workers:
+                gen.deadline = None  # once
+                log.error("%d old worker(s) still running after the grace period; killing them",
+                          len(gen.workers))
+                for worker in gen.workers.values():
                     _kill(worker.pid, signal.SIGKILL)
         if self._stop_deadline is not None and now >= self._stop_deadline and not self._killed:
             self._killed = True
@@ -554,6 +579,7 @@ class Supervisor:
         gen.due.clear()
         for worker in gen.workers.values():
             _kill(worker.pid, signal.SIGTERM)
+        gen.deadline = time.monotonic() + gen.grace + EXIT_MARGIN
         self.old.append(gen)
         gen.binding.rollback()
         if not gen.workers:
@@ -575,8 +601,7 @@ class Supervisor:
         self.pool.stop_accepting([k for k in old.binding.keys if k not in kept])
         for worker in old.workers.values():
             _kill(worker.pid, signal.SIGTERM)
-        if not old.workers:
-            self._retire(old)
+        old.deadline = time.monotonic() + old.grace + EXIT_MARGIN
         added = [
             (name, endpoint)
             for (name, endpoint), key in zip(gen.server.endpoints, gen.binding.keys, strict=True)
@@ -584,14 +609,30 @@ class Supervisor:
         ]
         if added:
             self.announce(added)
+        self._switching = old
+        if not old.workers:
+            self._retire(old)
+        self._switch_settled()
+
+    def _switch_settled(self) -> None:
+        """A reload is done once every old worker has stopped accepting (it
+        says so on its pipe) or exited: from then on only the new
+        configuration takes connections, and the service manager hears
+        READY=1."""
+        old = self._switching
+        if old is None or any(w.accepting for w in old.workers.values()):
+            return
+        self._switching = None
         log.info("reloaded: %d new worker(s) serving; the old ones finish their connections",
-                 len(gen.workers))
+                 len(self.current.workers) if self.current else 0)
         self._ready_status()
 
     def _retire(self, gen: Generation) -> None:
         """Every worker of a draining generation has exited."""
         if gen in self.old:
             self.old.remove(gen)
+        if gen is self._switching:
+            self._switch_settled()
         in_use = {k for g in self._generations() for k in g.binding.keys}
         self.pool.close([k for k in gen.binding.keys if k not in in_use])
         for hook in self.hooks:
@@ -670,7 +711,11 @@ class SharedConnectionLimits:
         self.by_service.clear()
 
 
-def run_worker(server: Server, on_ready: Callable[[], None]) -> int:
+def run_worker(
+    server: Server,
+    on_ready: Callable[[], None],
+    on_stopped_accepting: Callable[[], None] = lambda: None,
+) -> int:
     """A worker's life: a fresh event loop, serve until SIGTERM (a second
     SIGTERM aborts the connections left), then exit status 0."""
     from ._run import new_event_loop
@@ -678,17 +723,26 @@ def run_worker(server: Server, on_ready: Callable[[], None]) -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(server, on_ready))
+        loop.run_until_complete(_serve(server, on_ready, on_stopped_accepting))
     finally:
         loop.close()
     return 0
 
 
-async def _serve(server: Server, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    server: Server, on_ready: Callable[[], None], on_stopped_accepting: Callable[[], None]
+) -> None:
     loop = asyncio.get_running_loop()
     await server.start()
     on_ready()
     stopping = False
+
+    async def leave() -> None:
+        # What is queued now is served here; then the parent hears that
+        # only the other workers accept (a reload waits for that).
+        await server.stop_accepting()
+        on_stopped_accepting()
+        server.stop()
 
     def on_term() -> None:
         nonlocal stopping
@@ -698,7 +752,9 @@ async def _serve(server: Server, on_ready: Callable[[], None]) -> None:
                     conn.abort()
             return
         stopping = True
-        server.stop()
+        leaving.append(loop.create_task(leave()))
+
+    leaving: list[asyncio.Task[None]] = []
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     try:
