@@ -248,6 +248,51 @@ def test_config_file_server_user(cli: type[CLIProcess], place: Callable[[int], P
     assert server.stop() == 0
 
 
+@ROOT_ONLY
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "workers"])
+def test_a_reload_to_a_root_nobody_can_read_fails_and_the_old_one_serves(
+    cli: type[CLIProcess], place: Callable[[int], Path], workers: list[str]
+) -> None:
+    here = place(0o755)
+    good = here / "good"
+    good.mkdir(mode=0o755)
+    write(good / "hello.txt", "still served\n")
+    closed = place(0o700)  # root's alone
+    conf = write(here / "s.toml", f'[services.gopher]\nlisten = ["tcp:127.0.0.1:0"]\n'
+                                  f'root = "{good}"\n')
+    server = cli(["serve", "--config", str(conf), "--user", "nobody", *workers])
+    [endpoint] = server.wait_listening(1)
+    write(conf, f'[services.gopher]\nlisten = ["tcp:127.0.0.1:0"]\nroot = "{closed}"\n')
+    server.send_signal(signal.SIGHUP)
+    failed = server.wait_for(r"reload failed: .*; still serving the configuration loaded before")
+    assert str(closed) in failed.string, failed.string
+    with connect(endpoint) as s:
+        s.sendall(b"/hello.txt\r\n")
+        assert recv_all(s) == b"still served\r\n.\r\n"
+    assert server.stop() == 0
+
+
+@ROOT_ONLY
+def test_a_reload_to_a_program_nobody_cannot_run_fails_at_reload(
+    cli: type[CLIProcess], place: Callable[[int], Path]
+) -> None:
+    here = place(0o755)
+    mine = write(here / "mine.sh", "#!/bin/sh\necho root only\n", mode=0o700)
+    conf = write(here / "s.toml", '[services.hello]\nservice = "exec"\n'
+                                  'listen = ["tcp:127.0.0.1:0"]\nexec = ["/bin/echo", "hello"]\n')
+    server = cli(["serve", "--config", str(conf), "--user", "nobody", "--workers", "2"])
+    [endpoint] = server.wait_listening(1)
+    write(conf, '[services.hello]\nservice = "exec"\n'
+                f'listen = ["tcp:127.0.0.1:0"]\nexec = ["{mine}"]\n')
+    server.send_signal(signal.SIGHUP)
+    # Said once, at the reload, not at every connection after it.
+    failed = server.wait_for(r"reload failed: .*; still serving the configuration loaded before")
+    assert str(mine) in failed.string, failed.string
+    with connect(endpoint) as s:
+        assert recv_all(s) == b"hello\n"
+    assert server.stop() == 0
+
+
 def _toml(data: dict[str, dict[str, object]]) -> str:
     """The little TOML these tests write: tables of strings and lists."""
     out = []

@@ -149,7 +149,6 @@ class Supervisor:
         after_bind: Callable[[Server], None] | None = None,
         notifier: Notifier | None = None,
         hooks: Sequence[WorkerHooks] = (),
-        check: Callable[[Sequence[ServiceConfig]], None] | None = None,
     ) -> None:
         if count < 1:
             raise SockworksError(f"workers must be 1 or more, not {count}")
@@ -159,7 +158,6 @@ class Supervisor:
         self.after_bind = after_bind
         self.notifier = notifier
         self.hooks = tuple(hooks)
-        self.check = check
         self.pool = SocketPool()
         self.current: Generation | None = None
         self.pending: Generation | None = None  # a reload, starting
@@ -545,8 +543,6 @@ class Supervisor:
         log.info("SIGHUP received: reloading the configuration")
         try:
             services, grace = self.load()
-            if self.check is not None:
-                self.check(services)
         except SockworksError as exc:
             self._reload_refused(str(exc))
             return

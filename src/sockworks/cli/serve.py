@@ -492,6 +492,8 @@ def start(configs: Sequence[ServiceConfig], args: argparse.Namespace, grace: flo
             on_ready(server)
             announce_metrics(metrics)
 
+        # A reload runs as the dropped user, so building its services reads
+        # their files as that user: one it cannot use is a failed reload.
         if process.workers is None:
             run_services(configs, grace=grace, on_ready=ready, credentials=credentials,
                          metrics=metrics, reload=reload, announce=announce_endpoints)
