@@ -38,14 +38,16 @@ def test_workers_example(cli: type[CLIProcess]) -> None:
 def test_reload_example(cli: type[CLIProcess], tmp_path: Path) -> None:
     conf = tmp_path / "deploy.toml"
     conf.write_text(textwrap.dedent("""
-        [server]
-        workers = 2
         [services.echo]
         listen = ["tcp:127.0.0.1:0"]
     """), encoding="utf-8")
-    server = cli(["serve", "--config", str(conf)])
+    start, reload = example("pkill -HUP").splitlines()
+    # The example's commands, with this test's file for /etc/sockworks/services.toml.
+    start = start.replace("/etc/sockworks/services.toml", str(conf)).removesuffix(" &")
+    reload = reload.replace("/etc/sockworks/services.toml", str(conf))
+    server = cli(start.split()[1:])  # "sockworks" is python -m sockworks here
     server.wait_listening(1)
-    subprocess.run(["sh", "-c", example("kill -HUP")], check=True, timeout=10)
+    subprocess.run(["sh", "-c", reload], check=True, timeout=10)
     server.wait_for("SIGHUP received: reloading the configuration")
-    server.wait_for("reloaded: 2 new worker")
+    server.wait_for("reloaded: 4 new worker")
     assert server.stop(signal.SIGTERM) == 0
