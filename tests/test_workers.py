@@ -573,3 +573,16 @@ def test_the_metrics_server_of_workers_is_replaced_when_it_dies(cli: type[CLIPro
     scraped = subprocess.run([curl, "-sS", url], capture_output=True, text=True, timeout=10)
     assert "# TYPE sockworks_connections_open gauge" in scraped.stdout, scraped  # served again
     assert server.stop() == 0
+
+
+def test_workers_stop_when_their_parent_is_killed_outright(cli: type[CLIProcess]) -> None:
+    server = cli(["serve", "echo", "-l", "tcp:127.0.0.1:0", "--workers", "2"])
+    [endpoint] = server.wait_listening(1)
+    workers = children(server.proc.pid)
+    assert len(workers) == 2
+    server.proc.kill()  # SIGKILL: the parent says nothing to anyone
+    server.proc.wait()
+    # The kernel's parent-death signal: each worker drains and exits.
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
+    with pytest.raises(ConnectionRefusedError):
+        connect(endpoint).close()

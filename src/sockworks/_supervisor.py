@@ -386,7 +386,10 @@ class Supervisor:
                 started.append(True)
 
             def stopped_accepting() -> None:
-                os.write(ready_w, _STOPPED)
+                try:
+                    os.write(ready_w, _STOPPED)
+                except OSError:
+                    pass  # the parent is gone (killed): nobody to tell
 
             status = run_worker(gen.server, ready, stopped_accepting)
             for hook in self.hooks:  # the last counts, before the process goes
@@ -736,9 +739,11 @@ async def _serve(
     async def leave() -> None:
         # What is queued now is served here; then the parent hears that
         # only the other workers accept (a reload waits for that).
-        await server.stop_accepting()
-        on_stopped_accepting()
-        server.stop()
+        try:
+            await server.stop_accepting()
+            on_stopped_accepting()
+        finally:
+            server.stop()  # whatever happened above, the worker stops
 
     def on_term() -> None:
         nonlocal stopping
