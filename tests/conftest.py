@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,16 @@ def require_peer(program: str) -> str:
             pytest.fail(message + "; SOCKWORKS_REQUIRE_PEERS=1 makes this a failure")
         pytest.skip(message)
     return path
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Wait for a state the test can observe (a file, a process gone, a
+    count) where nothing signals it, not for a length of time."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.01)
 
 
 class CLIProcess:
@@ -88,6 +98,22 @@ class CLIProcess:
                         f"sockworks exited ({self.proc.returncode}) before {pattern!r}:\n"
                         + self.log
                     )
+            except queue.Empty:
+                pass
+
+    def wait_count(self, pattern: str, count: int, timeout: float = 10.0) -> None:
+        """Until ``count`` stderr lines match ``pattern`` (seen or to come),
+        woken by each new line."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in list(self.lines) if regex.search(line)) < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{count} lines matching {pattern!r} expected:\n{self.log}"
+                )
+            try:
+                self._queue.get(timeout=min(left, 0.2))
             except queue.Empty:
                 pass
 

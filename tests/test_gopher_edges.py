@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, CLIProcess, connect, recv_all
+from conftest import ROOT, CLIProcess, connect, recv_all, wait_until
 
 from sockworks import Endpoint
 from sockworks.gopher.fsroot import FileSystemRoot
@@ -66,16 +66,6 @@ def gopher_request(ep: Endpoint, line: bytes) -> bytes:
     with connect(ep) as sock:
         sock.sendall(line)
         return recv_all(sock)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    """Wait for a state the test can observe (a file, a byte count), not
-    for a length of time."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.01)
 
 
 # -- item 5: what the server cannot read -------------------------------------

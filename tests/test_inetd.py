@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from _activation import SOCKWORKS, Started, activate, tcp_listener, udp_socket
-from conftest import ROOT, recv_all, require_peer
+from conftest import ROOT, recv_all, require_peer, wait_until
 
 
 def _doc() -> Path:
@@ -97,10 +97,9 @@ def test_accept_yes_unix_socket_async_handler(tmp_path: Path) -> None:
     proc = Started([program, "-a", "--inetd", "-l", str(path),
                     *SOCKWORKS, "serve", "app:handle", "--app-dir", str(app), "--inetd"])
     try:
-        deadline = time.monotonic() + 10
-        while not path.exists():  # bound by systemd-socket-activate
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log
-            time.sleep(0.02)
+        # Bound by systemd-socket-activate.
+        wait_until(lambda: path.exists() or proc.proc.poll() is not None, 10, "the socket")
+        assert path.exists(), proc.log
         with socket.socket(socket.AF_UNIX) as client:
             client.settimeout(10)
             client.connect(str(path))
@@ -184,10 +183,11 @@ def test_xinetd_line_from_the_docs(tmp_path: Path) -> None:
     proc = Started([xinetd, "-dontfork", "-stayalive", "-f", str(tmp_path / "xinetd.conf"),
                     "-pidfile", str(tmp_path / "pid"), "-filelog", str(log)])
     try:
-        deadline = time.monotonic() + 10
-        while "Started working" not in (log.read_text() if log.exists() else ""):
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log
-            time.sleep(0.02)
+        def started() -> bool:
+            return "Started working" in (log.read_text() if log.exists() else "")
+
+        wait_until(lambda: started() or proc.proc.poll() is not None, 10, "xinetd")
+        assert started(), proc.log
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             # Standard error is the connection too: only the protocol's
             # bytes reach the client, never a log line.

@@ -5,7 +5,6 @@ the traffic the test sent. Every wait is on a log line or a reply."""
 from __future__ import annotations
 
 import os
-import queue
 import re
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import ROOT, CLIProcess, require_peer, run_cli
+from conftest import ROOT, require_peer, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from sockworks import Endpoint
@@ -57,20 +56,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
 
 
-def wait_count(proc: CLIProcess, pattern: str, count: int, timeout: float = 10.0) -> None:
-    """Until ``count`` stderr lines match ``pattern`` (seen or to come)."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while sum(1 for line in proc.lines if regex.search(line)) < count:
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.proc.poll() is not None:
-            raise AssertionError(f"{count} lines matching {pattern!r} expected:\n{proc.log}")
-        try:
-            proc._queue.get(timeout=min(left, 0.2))
-        except queue.Empty:
-            pass
-
-
 def echo_once(tcp: Endpoint, payload: bytes) -> bytes:
     with socket.create_connection((tcp.host, tcp.port), timeout=5) as s:
         s.sendall(payload)
@@ -103,20 +88,20 @@ def test_the_numbers_are_the_traffic(cli: Any) -> None:
 
     # One connection stays open; three echo known bytes and close.
     held = socket.create_connection((tcp.host, tcp.port), timeout=5)
-    wait_count(server, r" connected$", 1)
+    server.wait_count(r" connected$", 1)
     sizes = [5, 100, 3000]
     for size in sizes:
         assert echo_once(tcp, b"x" * size) == b"x" * size
-    wait_count(server, r"closed after", len(sizes))
+    server.wait_count(r"closed after", len(sizes))
     # Refused: a denied address, then a third connection from one source.
     with socket.create_connection((tcp.host, tcp.port), source_address=("127.0.0.2", 0)):
         server.wait_for(r"refused: denied by 127\.0\.0\.2/32")
     second = socket.create_connection((tcp.host, tcp.port), timeout=5)
-    wait_count(server, r" connected$", 5)
+    server.wait_count(r" connected$", 5)
     with socket.create_connection((tcp.host, tcp.port)):
         server.wait_for(r"refused: per-source limit \(2\) reached")
     second.close()
-    wait_count(server, r"closed after", len(sizes) + 1)
+    server.wait_count(r"closed after", len(sizes) + 1)
     # Datagrams: four answered, one too large, one from a denied source.
     for _ in range(4):
         assert udp_exchange(udp, b"d" * 50) == b"d" * 50
@@ -147,7 +132,7 @@ def test_the_numbers_are_the_traffic(cli: Any) -> None:
     held.sendall(b"last")
     assert held.recv(16) == b"last"
     held.close()
-    wait_count(server, r"closed after", len(sizes) + 2)
+    server.wait_count(r"closed after", len(sizes) + 2)
     m = scrape(url)
     assert value(m, "sockworks_connections_open", **svc) == 0
     assert value(m, "sockworks_connections_closed_total", reason="normal", **svc) == 5
@@ -283,7 +268,7 @@ def test_handler_errors_are_counted(cli: Any, tmp_path: Path) -> None:
     url = server.wait_for(METRICS_ON).group(1)
     assert echo_once(tcp, b"fine") == b"fine"
     echo_once(tcp, b"boom")
-    wait_count(server, r"closed after", 2)
+    server.wait_count(r"closed after", 2)
     m = scrape(url)
     svc = {"service": "crashing:Crash"}
     assert value(m, "sockworks_handler_errors_total", **svc) == 1
@@ -438,7 +423,7 @@ def test_workers_end_to_end(cli: Any) -> None:
     url = server.wait_for(METRICS_ON).group(1)
     for size in (10, 20, 30):
         assert echo_once(tcp, b"w" * size) == b"w" * size
-    wait_count(server, r"closed after", 3)
+    server.wait_count(r"closed after", 3)
     deadline = time.monotonic() + 10
     while True:  # each worker writes its counts every half second
         m = scrape(url)
@@ -487,7 +472,7 @@ def test_docs_metrics_examples(cli: Any) -> None:
     url = server.wait_for(METRICS_ON).group(1)
     for _ in range(3):
         assert echo_once(tcp, b"doc") == b"doc"
-    wait_count(server, r"closed after", 3)
+    server.wait_count(r"closed after", 3)
 
     shown = subprocess.run(
         ["sh", "-c", doc_block("curl -s").replace("http://127.0.0.1:9100/metrics", url)],

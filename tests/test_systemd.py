@@ -28,7 +28,15 @@ from _activation import (
     unix_listener,
     unixgram_socket,
 )
-from conftest import LISTENING, ROOT, connect, datagram_exchange, recv_all, require_peer
+from conftest import (
+    LISTENING,
+    ROOT,
+    connect,
+    datagram_exchange,
+    recv_all,
+    require_peer,
+    wait_until,
+)
 
 from sockworks import _systemd, parse_endpoint
 
@@ -149,10 +157,9 @@ def test_unix_socket_bound_by_systemd_socket_activate(tmp_path: Path) -> None:
     proc = Started([program, "-l", str(path), "--fdname=web",
                     *SOCKWORKS, "serve", "charcount", "-l", "systemd:web"])
     try:
-        deadline = time.monotonic() + 10
-        while not path.exists():  # systemd-socket-activate has bound it
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.log
-            time.sleep(0.02)
+        # systemd-socket-activate binds it.
+        wait_until(lambda: path.exists() or proc.proc.poll() is not None, 10, "the socket")
+        assert path.exists(), proc.log
         with socket.socket(socket.AF_UNIX) as client:
             client.settimeout(10)
             client.connect(str(path))

@@ -13,12 +13,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLIProcess, connect, recv_all, require_peer, run_cli
+from conftest import CLIProcess, connect, recv_all, require_peer, run_cli, wait_until
 
 from sockworks import Endpoint, parse_endpoint
 
@@ -172,18 +170,6 @@ def test_sigterm_drains_every_worker_then_exits_zero(cli: type[CLIProcess]) -> N
             f"/proc/{pid}/status").read_text()
 
 
-def wait_count(server: CLIProcess, text: str, n: int, timeout: float = 20.0) -> None:
-    """Until ``text`` has appeared on ``n`` stderr lines."""
-    wait_until(lambda: sum(text in line for line in list(server.lines)) >= n, timeout)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 def config(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body), encoding="utf-8")
     return path
@@ -241,7 +227,7 @@ def test_workers_from_a_config_file_and_reload(cli: type[CLIProcess], tmp_path: 
         quotes = "two.txt"
     """), encoding="utf-8")
     server.send_signal(signal.SIGHUP)
-    wait_count(server, "reloaded: 2 new worker", 2)
+    server.wait_count("reloaded: 2 new worker", 2, timeout=20)
     assert b"the second quote" in ask(endpoint)  # old and new say the same
     assert server.stop() == 0
     with pytest.raises(ConnectionRefusedError):
@@ -283,7 +269,7 @@ def test_reload_under_load_refuses_and_resets_nothing(
         for n in range(1, 4):
             before = ok[0]
             server.send_signal(signal.SIGHUP)
-            wait_count(server, reloaded, n)
+            server.wait_count(reloaded, n, timeout=20)
             # The old configuration drains and ends while the load goes on.
             if workers:
                 wait_until(lambda: len(children(server.proc.pid)) == 2)
