@@ -136,18 +136,24 @@ _DROP_PREFIXES = (
 )
 
 
+def _by_prefix(reason: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    """The label of the first ``(prefix, label)`` in ``table`` that
+    ``reason`` starts with."""
+    for prefix, bucket in table:
+        if reason.startswith(prefix):
+            return bucket
+    return None
+
+
 def close_reason(reason: str | None) -> str:
     """The :data:`CLOSE_REASONS` value for a closing line's reason."""
     if reason is None:
         return "normal"
-    bucket = _CLOSE_EXACT.get(reason)
+    bucket = _CLOSE_EXACT.get(reason) or _by_prefix(reason, _CLOSE_PREFIXES)
+    if bucket == "shutdown" and "SIGKILL" in reason:
+        return "shutdown_aborted"  # exec: killed at the end of the grace period
     if bucket is not None:
         return bucket
-    for prefix, bucket in _CLOSE_PREFIXES:
-        if reason.startswith(prefix):
-            if bucket == "shutdown" and "SIGKILL" in reason:
-                return "shutdown_aborted"  # exec: killed at the end of the grace period
-            return bucket
     if reason.endswith("too long"):  # "request too long", "token too long"
         return "protocol_error"
     return "normal"
@@ -155,17 +161,14 @@ def close_reason(reason: str | None) -> str:
 
 def refuse_reason(reason: str) -> str:
     """The :data:`REFUSE_REASONS` value for a refusal's reason."""
-    for prefix, bucket in _REFUSE_PREFIXES:
-        if reason.startswith(prefix):
-            return bucket
-    return "other"
+    return _by_prefix(reason, _REFUSE_PREFIXES) or "other"
 
 
 def drop_reason(reason: str) -> str:
     """The :data:`DROP_REASONS` value for a dropped datagram's reason."""
-    for prefix, bucket in _DROP_PREFIXES:
-        if reason.startswith(prefix):
-            return bucket
+    bucket = _by_prefix(reason, _DROP_PREFIXES)
+    if bucket is not None:
+        return bucket
     if "amplification limit" in reason:
         return "amplification"
     return "protocol_error"
