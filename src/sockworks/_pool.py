@@ -12,15 +12,13 @@ stops; the servers on them do neither.
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from collections import Counter
 from collections.abc import Sequence
 
 from ._config import SocketOptions
 from ._endpoint import Endpoint
-from ._server import refuse_new_connections
-from ._sockets import BoundSocket, bind
+from ._sockets import BoundSocket, bind, close_bound, refuse_new_connections
 
 # A listener as configured: (the service, for an ephemeral port; the
 # endpoint; which one of its kind).
@@ -42,19 +40,8 @@ class SocketPool:
         """Close these sockets (all when None), unlinking Unix paths we made."""
         for key in list(self.sockets) if keys is None else keys:
             bound = self.sockets.pop(key, None)
-            if bound is None:
-                continue
-            bound.sock.close()
-            # An inherited socket (systemd's) is its owner's to unlink.
-            if (
-                bound.endpoint.transport in ("unix", "unixgram")
-                and bound.endpoint.path
-                and not bound.endpoint.inherited
-            ):
-                try:
-                    os.unlink(bound.endpoint.path)
-                except OSError:
-                    pass
+            if bound is not None:
+                close_bound(bound)
 
     def stop_accepting(self, keys: Sequence[Key] | None = None) -> None:
         """New connection attempts to these stream sockets are dropped from
@@ -62,10 +49,8 @@ class SocketPool:
         is still accepted by the workers draining."""
         for key in list(self.sockets) if keys is None else keys:
             bound = self.sockets.get(key)
-            # Not an inherited socket: the filter would stay on systemd's
-            # copy, and the next activation could never accept.
-            if bound is not None and bound.endpoint.is_stream and not bound.endpoint.inherited:
-                refuse_new_connections(bound.sock)
+            if bound is not None and bound.endpoint.is_stream:
+                refuse_new_connections(bound)
 
 
 class Binding:

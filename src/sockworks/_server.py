@@ -10,7 +10,6 @@ every connection to finish, and aborts what is left after the grace period.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -18,7 +17,6 @@ import os
 import resource
 import socket
 import ssl
-import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,14 @@ from ._errors import CertificateError, ConfigError
 from ._protocol import Peer
 from ._proxy_io import ProxyHeaderError, proxied_peer, read_proxy_header
 from ._shared_limits import SharedLimits
-from ._sockets import BoundSocket, apply_options, bind, format_peer
+from ._sockets import (
+    BoundSocket,
+    apply_options,
+    bind,
+    close_bound,
+    format_peer,
+    refuse_new_connections,
+)
 from ._tls import peer_subject, server_context, tls_failure_reason
 
 log = logging.getLogger("sockworks.server")
@@ -127,27 +132,6 @@ def _accept_queued(
         queued.append((conn, format_peer(addr)))
 
 
-# SO_ATTACH_FILTER (Linux): a classic BPF program on a socket.
-_SO_ATTACH_FILTER = 26
-# "return 0": drop every packet (BPF_RET | BPF_K, k = 0).
-_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
-
-
-def refuse_new_connections(sock: socket.socket) -> None:
-    """Before the last accept of a stopping listener: new SYNs are dropped,
-    so a client's connection attempt is retried by its kernel and then
-    refused by the closed port (a balancer tries another server), instead
-    of being queued now and reset by the close. Linux; elsewhere a no-op."""
-    if sock.family == socket.AF_UNIX:
-        return
-    program = ctypes.create_string_buffer(_DROP_ALL)
-    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError:
-        pass
-
-
 def _returning(protocol: asyncio.Protocol) -> Callable[[], asyncio.Protocol]:
     return lambda: protocol
 
@@ -217,7 +201,7 @@ class _SocketListener:
         it, and a balancer in front cannot retry those (its request went)."""
         self.pause()
         if self.refuse_on_drain:
-            refuse_new_connections(self.sock)
+            refuse_new_connections(self.bound)
         queued = _accept_queued(self.sock, self.group)
         # Closed in the same turn as the last accept: the window in which a
         # new connection could queue, to be reset by the close, is a moment.
@@ -506,7 +490,7 @@ class _TransportListener:
         self.pause()
         loop = self.group.loop
         if self.refuse_on_drain:
-            refuse_new_connections(self.sock)
+            refuse_new_connections(self.bound)
         queued = _accept_queued(self.sock, self.group)
         self.close()  # at once: see _SocketListener.drain
         attach = [
@@ -592,13 +576,6 @@ def _fit_descriptor_limit(groups: list[ConnectionGroup]) -> None:
             lowered = group.access.fit_capacity(fitted)
             if lowered is not None:
                 group.log.warning("per-source limit lowered to %d to match", lowered)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class Server:
@@ -691,14 +668,10 @@ class Server:
 
     def _close_bound(self) -> None:
         for bound in self._bound:
-            bound.sock.close()
-            # An inherited socket's file (systemd's) is not ours to remove.
-            if (
-                self.owns_sockets
-                and not bound.endpoint.inherited
-                and bound.endpoint.transport in ("unix", "unixgram")
-            ):
-                _unlink_quietly(bound.endpoint.path)
+            if self.owns_sockets:
+                close_bound(bound)
+            else:
+                bound.sock.close()  # a copy: the socket is its owner's
         self._bound.clear()
 
     async def start(self) -> None:
@@ -748,11 +721,6 @@ class Server:
                     else:
                         listener = _TransportListener(bound, group, factory)
                     listener.refuse_on_drain = self.owns_sockets
-                    if bound.endpoint.inherited:
-                        # systemd keeps its copy of the socket for the next
-                        # start: a drop filter would stay on it, and what
-                        # queues meanwhile is served by the next process.
-                        listener.refuse_on_drain = False
                     group.listeners.append(listener)
                     self._listeners.append(listener)
                 else:

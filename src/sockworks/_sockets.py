@@ -7,10 +7,12 @@ before the server starts, and the real bound address is known.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 
 from ._config import SocketOptions
@@ -27,6 +29,43 @@ class BoundSocket:
 
     sock: socket.socket
     endpoint: Endpoint  # with the real port
+
+
+def close_bound(bound: BoundSocket) -> None:
+    """Close a listener for good; a Unix socket file we made goes with it.
+    An inherited socket's file (systemd's) is its owner's, and stays."""
+    bound.sock.close()
+    endpoint = bound.endpoint
+    if endpoint.transport in ("unix", "unixgram") and endpoint.path and not endpoint.inherited:
+        try:
+            os.unlink(endpoint.path)
+        except OSError:
+            pass
+
+
+# SO_ATTACH_FILTER (Linux): a classic BPF program on a socket.
+_SO_ATTACH_FILTER = 26
+# "return 0": drop every packet (BPF_RET | BPF_K, k = 0).
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new_connections(bound: BoundSocket) -> None:
+    """Before the last accept of a stopping listener: new SYNs are dropped,
+    so a client's connection attempt is retried by its kernel and then
+    refused by the closed port (a balancer tries another server), instead
+    of being queued now and reset by the close. Linux; elsewhere a no-op.
+    Not on an inherited socket: systemd keeps it for the next start, and
+    the filter would stay on it (what queues meanwhile is the next
+    process's to serve)."""
+    sock = bound.sock
+    if sock.family == socket.AF_UNIX or bound.endpoint.inherited:
+        return
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        pass
 
 
 def _family_for(endpoint: Endpoint) -> tuple[socket.AddressFamily, str]:
