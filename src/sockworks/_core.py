@@ -439,6 +439,12 @@ class ConnectionGroup:
             for listener in self.listeners:
                 listener.resume()
 
+    def abort_all(self) -> None:
+        """Every live connection ends now, unsent output dropped (a second
+        signal, or the grace period over)."""
+        for conn in list(self.live):
+            conn.abort()
+
     def hold(self, conn: Startable) -> None:
         """Keep ``conn`` (accepted over the limit) until a slot frees."""
         self._held.append(conn)

@@ -178,8 +178,7 @@ async def _serve(config: ServiceConfig, driver: Driver, taken: StdinSocket, grac
 
     def on_signal(signum: int) -> None:
         if stopped.is_set():
-            for conn in list(group.live):
-                conn.abort()
+            group.abort_all()
             return
         log.info("%s received: finishing", signal.Signals(signum).name)
         stopped.set()
@@ -249,8 +248,7 @@ async def _until_idle(group: ConnectionGroup, stopped: asyncio.Event, grace: flo
         finished, _ = await asyncio.wait({done}, timeout=grace)
         if not finished:
             log.warning("grace period of %.1f s over: aborting the connection", grace)
-            for conn in list(group.live):
-                conn.abort()
+            group.abort_all()
             await asyncio.sleep(0)
     finally:
         done.cancel()

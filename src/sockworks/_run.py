@@ -159,9 +159,7 @@ async def serve_until_signalled(
         else:
             log.warning("second signal: aborting connections now")
             for running in everyone():
-                for group in running.groups:
-                    for conn in list(group.live):
-                        conn.abort()
+                running.abort_connections()
 
     async def reload() -> None:
         nonlocal current, reloading, again

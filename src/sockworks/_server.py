@@ -774,6 +774,11 @@ class Server:
         for listener in self._listeners:
             listener.close()
 
+    def abort_connections(self) -> None:
+        """Every connection of every service ends now."""
+        for group in self.groups:
+            group.abort_all()
+
     def stop(self) -> None:
         """Ask the server to shut down (thread-safe from the loop only)."""
         if self._stopped is not None:
@@ -806,9 +811,7 @@ class Server:
         if not done:
             left = sum(len(g.live) for g in self.groups)
             log.warning("grace period of %.1f s over: aborting %d connection(s)", grace, left)
-            for group in self.groups:
-                for conn in list(group.live):
-                    conn.abort()
+            self.abort_connections()
             # Give aborted transports one loop turn to report connection_lost.
             await asyncio.sleep(0)
         for group in self.groups:

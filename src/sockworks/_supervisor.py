@@ -748,9 +748,7 @@ async def _serve(
     def on_term() -> None:
         nonlocal stopping
         if stopping:
-            for group in server.groups:
-                for conn in list(group.live):
-                    conn.abort()
+            server.abort_connections()
             return
         stopping = True
         leaving.append(loop.create_task(leave()))
