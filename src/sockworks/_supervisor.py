@@ -42,6 +42,7 @@ from ._endpoint import Endpoint
 from ._errors import SockworksError
 from ._logformat import set_worker
 from ._pool import Binding, SocketPool
+from ._run import new_event_loop, serving_status
 from ._server import Server, ServiceConfig
 from ._shared_limits import SharedLimits
 
@@ -643,8 +644,7 @@ class Supervisor:
             gen.extra["started"] = True
         if self.notifier is None or gen is None:
             return
-        where = ", ".join(f"{name} on {endpoint}" for name, endpoint in gen.server.endpoints)
-        self.notifier.ready(f"{len(gen.workers)} worker(s) serving {where}")
+        self.notifier.ready(f"{len(gen.workers)} worker(s) {serving_status(gen.server)}")
 
 
 class SharedConnectionLimits:
@@ -717,8 +717,6 @@ def run_worker(
 ) -> int:
     """A worker's life: a fresh event loop, serve until SIGTERM (a second
     SIGTERM aborts the connections left), then exit status 0."""
-    from ._run import new_event_loop
-
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
