@@ -123,8 +123,8 @@ class Generation:
     draining: bool = False
     # A draining generation's workers are killed if still there by then.
     deadline: float | None = None
-    # Extra state of the hooks (shared limits, metrics), by name.
-    extra: dict[str, Any] = field(default_factory=dict)
+    # It served once (a start or a reload is over).
+    started: bool = False
 
     @property
     def all_ready(self) -> bool:
@@ -484,7 +484,7 @@ class Supervisor:
     @property
     def _started(self) -> bool:
         """The first generation was ready once (the start is over)."""
-        return bool(self.current and self.current.extra.get("started"))
+        return self.current is not None and self.current.started
 
     def _replace_later(self, gen: Generation, worker: Worker, what: str) -> None:
         lived = time.monotonic() - worker.started
@@ -641,7 +641,7 @@ class Supervisor:
     def _ready_status(self) -> None:
         gen = self.current
         if gen is not None:
-            gen.extra["started"] = True
+            gen.started = True
         if self.notifier is None or gen is None:
             return
         self.notifier.ready(f"{len(gen.workers)} worker(s) {serving_status(gen.server)}")
