@@ -88,6 +88,17 @@ class Binding:
             self.copies.append(sock)
         return BoundSocket(sock, dataclasses.replace(bound.endpoint, tls=endpoint.tls))
 
+    def added(self, endpoints: Sequence[tuple[str, Endpoint]]) -> list[tuple[str, Endpoint]]:
+        """Of the endpoints of the server this binding served (in the order
+        it asked for them), those bound anew for it: the ones to announce."""
+        new = set(self.new)
+        return [pair for pair, key in zip(endpoints, self.keys, strict=True) if key in new]
+
+    def not_in(self, *others: Binding) -> list[Key]:
+        """This binding's listeners that none of ``others`` uses."""
+        used = {key for other in others for key in other.keys}
+        return [key for key in self.keys if key not in used]
+
     def rollback(self) -> None:
         """The configuration will not run: close what was bound for it."""
         for sock in self.copies:

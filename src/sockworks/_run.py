@@ -59,6 +59,7 @@ class Reloader:
         self.binding = binding
         self.load = load
         self.announce = announce
+        self._previous = binding  # the one before the latest reload
         self.draining: set[asyncio.Task[None]] = set()
         # Servers that ran before: their counts stay in the metrics.
         self.retired: list[Server] = []
@@ -78,12 +79,8 @@ class Reloader:
                 await server.shutdown(0)
             binding.rollback()
             raise
-        previous, self.binding = self.binding, binding
-        self._removed = [k for k in previous.keys if k not in set(binding.keys)]
-        added = [
-            pair for pair, key in zip(server.endpoints, binding.keys, strict=True)
-            if key in binding.new
-        ]
+        self._previous, self.binding = self.binding, binding
+        added = binding.added(server.endpoints)
         if added and self.announce is not None:
             self.announce(added)
         return server
@@ -91,16 +88,16 @@ class Reloader:
     async def retire(self, old: Server) -> None:
         """``old`` stops accepting (it serves what is queued: those came
         before the reload) and drains; listeners it alone had close after."""
-        removed = self._removed
-        self.pool.stop_accepting(removed)
+        previous, following = self._previous, self.binding
+        self.pool.stop_accepting(previous.not_in(following))
         self.retired.append(old)
         await old.stop_accepting()  # from here on, only the new one accepts
         old.stop()
 
         async def drain() -> None:
             await old.shutdown()
-            in_use = set(self.binding.keys)
-            self.pool.close([k for k in removed if k not in in_use])
+            # Not closed if a later reload took the socket again.
+            self.pool.close(previous.not_in(following, self.binding))
 
         task = asyncio.get_running_loop().create_task(drain())
         self.draining.add(task)

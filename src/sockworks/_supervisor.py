@@ -597,16 +597,11 @@ class Supervisor:
         self.old.append(old)
         # Sockets no longer configured: attempts are dropped from now on;
         # what is queued the old workers still serve before they exit.
-        kept = set(gen.binding.keys)
-        self.pool.stop_accepting([k for k in old.binding.keys if k not in kept])
+        self.pool.stop_accepting(old.binding.not_in(gen.binding))
         for worker in old.workers.values():
             _kill(worker.pid, signal.SIGTERM)
         old.deadline = time.monotonic() + old.grace + EXIT_MARGIN
-        added = [
-            (name, endpoint)
-            for (name, endpoint), key in zip(gen.server.endpoints, gen.binding.keys, strict=True)
-            if key in gen.binding.new
-        ]
+        added = gen.binding.added(gen.server.endpoints)
         if added:
             self.announce(added)
         self._switching = old
@@ -633,8 +628,7 @@ class Supervisor:
             self.old.remove(gen)
         if gen is self._switching:
             self._switch_settled()
-        in_use = {k for g in self._generations() for k in g.binding.keys}
-        self.pool.close([k for k in gen.binding.keys if k not in in_use])
+        self.pool.close(gen.binding.not_in(*(g.binding for g in self._generations())))
         for hook in self.hooks:
             hook.generation_ended(gen)
 
