@@ -43,6 +43,15 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel shows it stopped: kill()
+    returns before the process has stopped, and meanwhile it may still
+    accept the next connection."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "T",
+               what=f"pid {pid} to stop")
+
+
 def ask(endpoint: Endpoint, data: bytes = b"") -> bytes:
     with connect(endpoint) as sock:
         if data:
@@ -59,8 +68,13 @@ def start_pid_app(
     cli: type[CLIProcess], tmp_path: Path, *extra: str, source: str = PID_APP
 ) -> CLIProcess:
     (tmp_path / "pidapp.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    # No limits shared between the workers: these tests SIGSTOP a worker
+    # that may be closing a connection, and one stopped while it holds the
+    # shared limits' lock stops every other worker's admissions with it
+    # (a known gap, in the closing note of issue 10; the limits have tests
+    # of their own below).
     return cli(["serve", "pidapp:handle", "--app-dir", str(tmp_path),
-                "-l", "tcp:127.0.0.1:0", *extra])
+                "-l", "tcp:127.0.0.1:0", "--per-source", "0", *extra])
 
 
 @pytest.mark.parametrize("source", [PID_APP, PID_APP_BLOCKING], ids=["async", "blocking"])
@@ -76,7 +90,7 @@ def test_two_workers_share_the_listener_and_each_accepts(
     # Each worker accepts on the shared socket: with the other one stopped,
     # it serves every connection.
     for stopped in workers:
-        os.kill(stopped, signal.SIGSTOP)
+        stop_process(stopped)
         try:
             pids = {served_by(endpoint) for _ in range(5)}
         finally:
@@ -95,7 +109,7 @@ def test_a_dead_worker_is_logged_and_replaced(cli: type[CLIProcess], tmp_path: P
     # The replacement is up when a connection is served with the survivor stopped.
     survivor = max(first)
     server.wait_for(r"worker \d \(pid \d+\) ready|starting another")
-    os.kill(survivor, signal.SIGSTOP)
+    stop_process(survivor)
     try:
         replacement = served_by(endpoint)
     finally:
@@ -496,14 +510,14 @@ def test_per_source_holds_across_workers_and_a_dead_workers_share_is_freed(
     [endpoint] = server.wait_listening(1)
     a, b = sorted(children(server.proc.pid))
     # Three connections, all to worker a (b is stopped).
-    os.kill(b, signal.SIGSTOP)
+    stop_process(b)
     try:
         held = [connect(endpoint) for _ in range(3)]
         assert all(echoes(s) for s in held)
     finally:
         os.kill(b, signal.SIGCONT)
     # A fourth goes to worker b, which holds none itself: refused all the same.
-    os.kill(a, signal.SIGSTOP)
+    stop_process(a)
     try:
         with connect(endpoint) as fourth:
             assert not echoes(fourth)
@@ -527,13 +541,13 @@ def test_instances_hold_across_workers(cli: type[CLIProcess]) -> None:
                   "--instances", "2", "--per-source", "0"])
     [endpoint] = server.wait_listening(1)
     a, b = sorted(children(server.proc.pid))
-    os.kill(b, signal.SIGSTOP)
+    stop_process(b)
     try:
         held = [connect(endpoint) for _ in range(2)]
         assert all(echoes(s) for s in held)
     finally:
         os.kill(b, signal.SIGCONT)
-    os.kill(a, signal.SIGSTOP)
+    stop_process(a)
     try:
         with connect(endpoint) as third:
             assert not echoes(third)
